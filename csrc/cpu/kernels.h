@@ -1,0 +1,43 @@
+// Per-instruction-set kernel table. kernels_{scalar,avx2,avx512}.cpp each fill one, compiled with
+// their own target flags; isa.cpp picks one at run time. All tables give identical integer results.
+#pragma once
+
+#include "cpu/common.h"
+
+namespace wf {
+
+struct Kernels {
+  const char* name;
+
+  // Fixed-order sum of |x[i]| (or x[i]^2 when squares) over n elements, in double.
+  double (*lane_sum)(const void* x, DType dt, int64_t n, bool squares);
+
+  // out[i] = clamp(round(w[i] * inv), -1, 1) for n elements.
+  void (*ternary_round)(const void* w, DType dt, int64_t n, float inv, int8_t* out);
+
+  // One row of K: scale = 127 / max(max|x|, 1e-5); q = clamp(round(x * scale), -128, 127).
+  void (*act_quant_row)(const void* x, DType dt, int64_t K, int8_t* q, float* scale);
+
+  // One row: y = (x * inv_rms) * w in float32, then act_quant_row(y). w is float32.
+  void (*norm_quant_row)(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
+                         float* scale);
+
+  // I2_S matmul, in two steps. i2s_prepare_row copies one int8 activation row of K into the
+  // layout this ISA's gemm reads (K bytes) and returns its sum. i2s_gemm then computes, for
+  // activation rows [0, N) and weight rows [m0, m1):
+  //   out[n * ldo + m] = float(D - rowsum[n]) / x_scale[n] * w_scale,  D = sum_k code[m,k] * x[n,k]
+  // where W holds the packed I2_S codes (0, 1, 2 for -1, 0, +1), K / 4 bytes a row.
+  int32_t (*i2s_prepare_row)(const int8_t* q, int64_t K, int8_t* out);
+  void (*i2s_gemm)(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
+                   const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo);
+
+  // Reads n bytes (n % 256 == 0) and returns a value that depends on all of them; for measuring
+  // read bandwidth.
+  uint64_t (*read_bytes)(const uint8_t* p, int64_t n);
+};
+
+namespace scalar { const Kernels& kernels(); }
+namespace avx2 { const Kernels& kernels(); }
+namespace avx512 { const Kernels& kernels(); }
+
+}  // namespace wf

@@ -1,0 +1,231 @@
+// AVX2 + FMA + F16C kernels. Without VNNI the I2_S dot uses vpmaddubsw (unsigned codes x signed
+// activations -> int16 pairs; |pair| <= 2 * 2 * 128, no saturation), summed in int16 over the
+// four sub-blocks of a block, then widened with vpmaddwd.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <utility>
+
+#include "cpu/kernels.h"
+
+namespace wf::avx2 {
+namespace {
+
+constexpr int kRoundNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// Loads n <= 8 elements as float32 (n < 8: through a zero-padded copy).
+template <DType D>
+inline __m256 load8(const void* p, int64_t i, int64_t n = 8) {
+  if (n < 8) {
+    alignas(32) uint8_t tmp[32] = {};
+    std::memcpy(tmp, static_cast<const uint8_t*>(p) + i * int64_t(dtype_size(D)), n * dtype_size(D));
+    return load8<D>(tmp, 0);
+  }
+  if constexpr (D == DType::F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128((const __m128i*)(static_cast<const uint16_t*>(p) + i));
+    if constexpr (D == DType::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);
+  }
+}
+
+inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+inline __m256d abs_pd(__m256d v) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), v); }
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <DType D>
+double lane_sum_t(const void* x, int64_t n, bool squares) {
+  // acc_lo holds lanes 0..3 and acc_hi lanes 4..7 of the fixed-order sum.
+  __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = load8<D>(x, i, std::min<int64_t>(8, n - i));
+    __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    if (squares) {
+      lo = _mm256_mul_pd(lo, lo);
+      hi = _mm256_mul_pd(hi, hi);
+    } else {
+      lo = abs_pd(lo);
+      hi = abs_pd(hi);
+    }
+    acc_lo = _mm256_add_pd(acc_lo, lo);
+    acc_hi = _mm256_add_pd(acc_hi, hi);
+  }
+  double lanes[8];
+  _mm256_storeu_pd(lanes, acc_lo);
+  _mm256_storeu_pd(lanes + 4, acc_hi);
+  return combine_lanes(lanes);
+}
+
+double lane_sum(const void* x, DType dt, int64_t n, bool squares) {
+  return dispatch_dtype(dt, [&]<DType D>() { return lane_sum_t<D>(x, n, squares); });
+}
+
+// Rounds 8 floats to nearest even and clamps to [lo, hi] as int32.
+inline __m256i round_clamp(__m256 v, float lo, float hi) {
+  v = _mm256_round_ps(v, kRoundNearest);
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));  // NaN -> lo
+  return _mm256_cvttps_epi32(v);
+}
+
+inline void store8_i8(int8_t* out, __m256i v, int64_t n) {
+  const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i b = _mm_packs_epi16(w16, w16);
+  if (n == 8) {
+    _mm_storel_epi64((__m128i*)out, b);
+  } else {
+    alignas(16) int8_t tmp[16];
+    _mm_store_si128((__m128i*)tmp, b);
+    std::memcpy(out, tmp, n);
+  }
+}
+
+void ternary_round(const void* w, DType dt, int64_t n, float inv, int8_t* out) {
+  dispatch_dtype(dt, [&]<DType D>() {
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t i = 0; i < n; i += 8) {
+      const int64_t c = std::min<int64_t>(8, n - i);
+      store8_i8(out + i, round_clamp(_mm256_mul_ps(load8<D>(w, i, c), vinv), -1.0f, 1.0f), c);
+    }
+  });
+}
+
+template <typename Value>
+inline void absmax_quantize(int64_t K, int8_t* q, float* scale, Value value) {
+  __m256 vmax = _mm256_setzero_ps();
+  for (int64_t i = 0; i < K; i += 8) vmax = _mm256_max_ps(vmax, abs_ps(value(i, std::min<int64_t>(8, K - i))));
+  const float s = 127.0f / std::max(hmax(vmax), kActAbsmaxFloor);
+  *scale = s;
+  const __m256 vs = _mm256_set1_ps(s);
+  for (int64_t i = 0; i < K; i += 8) {
+    const int64_t c = std::min<int64_t>(8, K - i);
+    store8_i8(q + i, round_clamp(_mm256_mul_ps(value(i, c), vs), -128.0f, 127.0f), c);
+  }
+}
+
+void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale) {
+  dispatch_dtype(dt, [&]<DType D>() {
+    absmax_quantize(K, q, scale, [&](int64_t i, int64_t c) { return load8<D>(x, i, c); });
+  });
+}
+
+void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
+                    float* scale) {
+  dispatch_dtype(dt, [&]<DType D>() {
+    const __m256 vinv = _mm256_set1_ps(inv_rms);
+    absmax_quantize(K, q, scale, [&](int64_t i, int64_t c) {
+      return _mm256_mul_ps(_mm256_mul_ps(load8<D>(x, i, c), vinv), load8<DType::F32>(w, i, c));
+    });
+  });
+}
+
+// ---- I2_S ---------------------------------------------------------------------------------------
+// A 32-byte block of codes shifted right by 6, 4, 2, 0 and masked gives the codes of values
+// 0..31, 32..63, 64..95, 96..127: activations stay in natural order.
+
+int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
+  std::memcpy(out, q, K);
+  int32_t sum = 0;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i acc = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16)
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(q + i))), ones16));
+  sum = hsum_epi32(acc);
+  for (; i < K; ++i) sum += q[i];
+  return sum;
+}
+
+template <int R, int C>
+void gemm_tile(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_bytes, int32_t* dots) {
+  __m256i acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
+  const __m256i mask3 = _mm256_set1_epi8(3), ones16 = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < K / 128; ++b) {
+    __m256i raw[C], part[R][C];
+    for (int c = 0; c < C; ++c) raw[c] = _mm256_loadu_si256((const __m256i*)(W + c * row_bytes + b * 32));
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) part[r][c] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      __m256i u[C];
+      for (int c = 0; c < C; ++c) u[c] = _mm256_and_si256(_mm256_srli_epi16(raw[c], 6 - 2 * s), mask3);
+      for (int r = 0; r < R; ++r) {
+        const __m256i a = _mm256_loadu_si256((const __m256i*)(acts + r * K + b * 128 + 32 * s));
+        for (int c = 0; c < C; ++c) part[r][c] = _mm256_add_epi16(part[r][c], _mm256_maddubs_epi16(u[c], a));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(part[r][c], ones16));
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) dots[r * C + c] = hsum_epi32(acc[r][c]);
+}
+
+using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*);
+
+template <int R, int... Cs>
+constexpr auto tile_row(std::integer_sequence<int, Cs...>) {
+  return std::array<TileFn, sizeof...(Cs)>{&gemm_tile<R, Cs + 1>...};
+}
+
+constexpr int kMaxR = 2, kMaxC = 4;
+const std::array<std::array<TileFn, kMaxC>, kMaxR> kTiles = {
+    tile_row<1>(std::make_integer_sequence<int, kMaxC>{}), tile_row<2>(std::make_integer_sequence<int, kMaxC>{})};
+
+void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
+              const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
+  const int64_t row_bytes = K / 4;
+  const int64_t R = N == 1 ? 1 : 2, C = N == 1 ? 4 : 2;
+  int32_t dots[kMaxR * kMaxC];
+  for (int64_t m = m0; m < m1; m += C) {
+    const int64_t c = std::min(C, m1 - m);
+    for (int64_t n = 0; n < N; n += R) {
+      const int64_t r = std::min(R, N - n);
+      kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = 0; j < c; ++j)
+          out[(n + i) * ldo + m + j] = float(dots[i * c + j] - rowsum[n + i]) / x_scale[n + i] * w_scale;
+    }
+  }
+}
+
+uint64_t read_bytes(const uint8_t* p, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n; i += 128) {
+    a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i*)(p + i)));
+    a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i*)(p + i + 32)));
+    a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i*)(p + i + 64)));
+    a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i*)(p + i + 96)));
+  }
+  const __m256i x = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  alignas(32) uint64_t l[4];
+  _mm256_store_si256((__m256i*)l, x);
+  return l[0] + l[1] + l[2] + l[3];
+}
+
+}  // namespace
+
+const Kernels& kernels() {
+  static const Kernels k{"avx2",          lane_sum, ternary_round, act_quant_row, norm_quant_row,
+                         i2s_prepare_row, i2s_gemm, read_bytes};
+  return k;
+}
+
+}  // namespace wf::avx2

@@ -1,0 +1,226 @@
+// AVX-512 (F, BW, VL, VNNI) kernels. The I2_S matmul multiplies unpacked 2-bit codes (unsigned
+// 0..2) by int8 activations with vpdpbusd; the -1 offset of the codes is removed afterwards by
+// subtracting the activation row sum.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <utility>
+
+#include "cpu/kernels.h"
+
+namespace wf::avx512 {
+namespace {
+
+constexpr int kRoundNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+inline __mmask16 tail_mask(int64_t rem) { return __mmask16((1u << rem) - 1u); }
+
+// Loads 16 elements as float32; lanes outside `m` are zero.
+template <DType D>
+inline __m512 load16(const void* p, int64_t i, __mmask16 m = 0xffff) {
+  if constexpr (D == DType::F32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
+    if constexpr (D == DType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  }
+}
+
+template <DType D>
+double lane_sum_t(const void* x, int64_t n, bool squares) {
+  // Lane j of `acc` holds the sum of elements i with i % 8 == j, added in index order: the low
+  // half of each 16-float load comes before the high half.
+  __m512d acc = _mm512_setzero_pd();
+  auto add = [&](__m512 v) {
+    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    if (squares) {
+      lo = _mm512_mul_pd(lo, lo);
+      hi = _mm512_mul_pd(hi, hi);
+    } else {
+      lo = _mm512_abs_pd(lo);
+      hi = _mm512_abs_pd(hi);
+    }
+    acc = _mm512_add_pd(acc, lo);
+    acc = _mm512_add_pd(acc, hi);
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) add(load16<D>(x, i));
+  if (i < n) add(load16<D>(x, i, tail_mask(n - i)));  // zeros add exactly nothing
+  alignas(64) double lanes[8];
+  _mm512_store_pd(lanes, acc);
+  return combine_lanes(lanes);
+}
+
+double lane_sum(const void* x, DType dt, int64_t n, bool squares) {
+  return dispatch_dtype(dt, [&]<DType D>() { return lane_sum_t<D>(x, n, squares); });
+}
+
+void ternary_round(const void* w, DType dt, int64_t n, float inv, int8_t* out) {
+  dispatch_dtype(dt, [&]<DType D>() {
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-1), hi = _mm512_set1_epi32(1);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i);
+      const __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16<D>(w, i, m), vinv), kRoundNearest);
+      _mm_mask_storeu_epi8(out + i, m, _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(r, lo), hi)));
+    }
+  });
+}
+
+// Quantizes K values produced by value(i, mask) with the row's absmax.
+template <typename Value>
+inline void absmax_quantize(int64_t K, int8_t* q, float* scale, Value value) {
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < K; i += 16) {
+    const __mmask16 m = K - i >= 16 ? __mmask16(0xffff) : tail_mask(K - i);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(value(i, m)));
+  }
+  const float s = 127.0f / std::max(_mm512_reduce_max_ps(vmax), kActAbsmaxFloor);
+  *scale = s;
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t i = 0; i < K; i += 16) {
+    const __mmask16 m = K - i >= 16 ? __mmask16(0xffff) : tail_mask(K - i);
+    const __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(value(i, m), vs), kRoundNearest);
+    _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(r));  // saturates to [-128, 127]
+  }
+}
+
+void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale) {
+  dispatch_dtype(dt, [&]<DType D>() {
+    absmax_quantize(K, q, scale, [&](int64_t i, __mmask16 m) { return load16<D>(x, i, m); });
+  });
+}
+
+void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
+                    float* scale) {
+  dispatch_dtype(dt, [&]<DType D>() {
+    const __m512 vinv = _mm512_set1_ps(inv_rms);
+    absmax_quantize(K, q, scale, [&](int64_t i, __mmask16 m) {
+      return _mm512_mul_ps(_mm512_mul_ps(load16<D>(x, i, m), vinv), _mm512_maskz_loadu_ps(m, w + i));
+    });
+  });
+}
+
+// ---- I2_S ---------------------------------------------------------------------------------------
+// A 64-byte load of packed weights holds two 128-value blocks. Shifting right by 6, 4, 2, 0 and
+// masking with 3 gives, for sub-block s, the codes of values 32s..32s+31 of both blocks. The
+// activations are therefore laid out per pair of blocks as
+//   [x[0:32] x[128:160]] [x[32:64] x[160:192]] [x[64:96] x[192:224]] [x[96:128] x[224:256]]
+// so that each sub-block's activations are one contiguous 64-byte load. An odd last block keeps
+// its natural order and is handled with 32-byte loads.
+
+int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
+  const int64_t pairs = K / 256;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int8_t* src = q + p * 256;
+    int8_t* dst = out + p * 256;
+    for (int s = 0; s < 4; ++s) {
+      std::memcpy(dst + 64 * s, src + 32 * s, 32);
+      std::memcpy(dst + 64 * s + 32, src + 128 + 32 * s, 32);
+    }
+  }
+  if (K % 256) std::memcpy(out + pairs * 256, q + pairs * 256, 128);
+  // Row sum with vpdpbusd against ones (unsigned 1 x signed x).
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= K; i += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(q + i));
+  int32_t sum = _mm512_reduce_add_epi32(acc);
+  for (; i < K; ++i) sum += q[i];
+  return sum;
+}
+
+// R activation rows x C weight rows. Registers: R*C accumulators, C packed, C codes, 1 activation.
+template <int R, int C>
+void gemm_tile(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_bytes, int32_t* dots) {
+  __m512i acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  const __m512i mask3 = _mm512_set1_epi8(3);
+  const int64_t pairs = K / 256;
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i raw[C];
+    for (int c = 0; c < C; ++c) raw[c] = _mm512_loadu_si512(W + c * row_bytes + p * 64);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      __m512i u[C];
+      for (int c = 0; c < C; ++c) u[c] = _mm512_and_si512(_mm512_srli_epi16(raw[c], 6 - 2 * s), mask3);
+      for (int r = 0; r < R; ++r) {
+        const __m512i a = _mm512_loadu_si512(acts + r * K + p * 256 + 64 * s);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], u[c], a);
+      }
+    }
+  }
+  if (K % 256) {  // odd last block: 32 bytes of codes, activations in natural order
+    __m512i raw[C];
+    for (int c = 0; c < C; ++c)
+      raw[c] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(W + c * row_bytes + pairs * 64)));
+    for (int s = 0; s < 4; ++s) {
+      __m512i u[C];
+      for (int c = 0; c < C; ++c) u[c] = _mm512_and_si512(_mm512_srli_epi16(raw[c], 6 - 2 * s), mask3);
+      for (int r = 0; r < R; ++r) {
+        const __m512i a =
+            _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(acts + r * K + pairs * 256 + 32 * s)));
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], u[c], a);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) dots[r * C + c] = _mm512_reduce_add_epi32(acc[r][c]);
+}
+
+using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*);
+
+template <int R, int... Cs>
+constexpr auto tile_row(std::integer_sequence<int, Cs...>) {
+  return std::array<TileFn, sizeof...(Cs)>{&gemm_tile<R, Cs + 1>...};
+}
+
+constexpr int kMaxR = 4, kMaxC = 8;
+const std::array<std::array<TileFn, kMaxC>, kMaxR> kTiles = {
+    tile_row<1>(std::make_integer_sequence<int, kMaxC>{}), tile_row<2>(std::make_integer_sequence<int, kMaxC>{}),
+    tile_row<3>(std::make_integer_sequence<int, kMaxC>{}), tile_row<4>(std::make_integer_sequence<int, kMaxC>{})};
+
+void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
+              const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
+  const int64_t row_bytes = K / 4;
+  // A single activation row (decode) is weight-bandwidth bound: use wide weight tiles. Several
+  // rows are compute bound: 4 x 4 tiles reuse each unpacked code vector four times.
+  const int64_t R = N == 1 ? 1 : 4, C = N == 1 ? 8 : 4;
+  int32_t dots[kMaxR * kMaxC];
+  for (int64_t m = m0; m < m1; m += C) {
+    const int64_t c = std::min(C, m1 - m);
+    for (int64_t n = 0; n < N; n += R) {
+      const int64_t r = std::min(R, N - n);
+      kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = 0; j < c; ++j)
+          out[(n + i) * ldo + m + j] = float(dots[i * c + j] - rowsum[n + i]) / x_scale[n + i] * w_scale;
+    }
+  }
+}
+
+uint64_t read_bytes(const uint8_t* p, int64_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n; i += 256) {
+    a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
+    a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 64));
+    a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 128));
+    a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 192));
+  }
+  return uint64_t(_mm512_reduce_add_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3))));
+}
+
+}  // namespace
+
+const Kernels& kernels() {
+  static const Kernels k{"avx512",        lane_sum, ternary_round, act_quant_row, norm_quant_row,
+                         i2s_prepare_row, i2s_gemm, read_bytes};
+  return k;
+}
+
+}  // namespace wf::avx512

@@ -1,0 +1,148 @@
+#include "cpu/ops.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "cpu/formats.h"
+#include "cpu/isa.h"
+#include "cpu/threadpool.h"
+
+namespace wf {
+namespace {
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+std::unique_ptr<T[], FreeDeleter> aligned_buffer(int64_t n) {
+  const size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
+}
+
+void check_positive(const char* what, int64_t v) {
+  if (v < 1) fail(std::string(what) + " must be >= 1, got " + std::to_string(v));
+}
+
+}  // namespace
+
+float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes) {
+  check_positive("w.numel()", n);
+  const Kernels& k = active_kernels();
+  const size_t es = dtype_size(dt);
+  const auto* base = static_cast<const uint8_t*>(w);
+  // Chunk sums in parallel, combined in chunk order: the result does not depend on threads.
+  const int64_t n_chunks = (n + kSumChunk - 1) / kSumChunk;
+  std::vector<double> partial(n_chunks);
+  parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * kSumChunk, len = std::min(kSumChunk, n - b);
+      partial[c] = k.lane_sum(base + b * es, dt, len, /*squares=*/false);
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  const float s = std::max(float(total / double(n)), kWeightScaleFloor);
+  const float inv = 1.0f / s;
+  parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
+    const int64_t b = c0 * kSumChunk, e = std::min(c1 * kSumChunk, n);
+    k.ternary_round(base + b * es, dt, e - b, inv, codes + b);
+  });
+  return s;
+}
+
+void act_quant_int8(const void* x, DType dt, int64_t N, int64_t K, int8_t* q, float* scale) {
+  check_positive("x.shape[0]", N);
+  check_positive("x.shape[1]", K);
+  const Kernels& k = active_kernels();
+  const size_t row = size_t(K) * dtype_size(dt);
+  parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      k.act_quant_row(static_cast<const uint8_t*>(x) + n * row, dt, K, q + n * K, scale + n);
+  });
+}
+
+void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64_t K, double eps, int8_t* q,
+                       float* scale) {
+  check_positive("x.shape[0]", N);
+  check_positive("x.shape[1]", K);
+  if (!(eps >= 0.0)) fail("eps must be >= 0, got " + std::to_string(eps));
+  const Kernels& k = active_kernels();
+  const size_t row = size_t(K) * dtype_size(dt);
+  parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* xr = static_cast<const uint8_t*>(x) + n * row;
+      const double ms = k.lane_sum(xr, dt, K, /*squares=*/true) / double(K);
+      const float inv_rms = float(1.0 / std::sqrt(ms + eps));
+      k.norm_quant_row(xr, dt, w, K, inv_rms, q + n * K, scale + n);
+    }
+  });
+}
+
+void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
+                int64_t packed_nbytes, int64_t M, float* out) {
+  check_positive("q.shape[0]", N);
+  check_positive("out_features", M);
+  const int64_t need = packed_bytes(format_info("i2_s"), M, K);
+  if (packed_nbytes != need)
+    fail("packed holds " + std::to_string(packed_nbytes) + " bytes; out_features=" + std::to_string(M) +
+         " x K=" + std::to_string(K) + " in i2_s needs M*K/4 + 32 = " + std::to_string(need));
+  const Kernels& k = active_kernels();
+  float w_scale;
+  std::memcpy(&w_scale, packed + M * K / 4, 4);
+
+  auto acts = aligned_buffer<int8_t>(N * K);
+  auto rowsum = aligned_buffer<int32_t>(N);
+  parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) rowsum[n] = k.i2s_prepare_row(q + n * K, K, acts.get() + n * K);
+  });
+  // Split the weight rows across threads in units of 8 rows (a multiple of every tile width).
+  constexpr int64_t kUnit = 8;
+  const int64_t units = (M + kUnit - 1) / kUnit;
+  parallel_for(units, N * M * K / 4, [&](int64_t u0, int64_t u1) {
+    k.i2s_gemm(acts.get(), rowsum.get(), x_scale, N, K, packed, w_scale, u0 * kUnit, std::min(u1 * kUnit, M),
+               out, M);
+  });
+}
+
+void bitlinear_infer(const void* x, DType dt, int64_t N, int64_t K, const uint8_t* packed, int64_t packed_nbytes,
+                     int64_t M, float* out) {
+  auto q = aligned_buffer<int8_t>(N * K);
+  auto scale = aligned_buffer<float>(N);
+  act_quant_int8(x, dt, N, K, q.get(), scale.get());
+  i2s_matmul(q.get(), scale.get(), N, K, packed, packed_nbytes, M, out);
+}
+
+double read_bandwidth(int64_t nbytes, int reps) {
+  check_positive("nbytes", nbytes);
+  check_positive("reps", reps);
+  const Kernels& k = active_kernels();
+  const int T = num_threads();
+  const int64_t per = (nbytes / T + 4095) / 4096 * 4096;  // each thread reads its own pages
+  auto buf = aligned_buffer<uint8_t>(per * T);
+  // Touch the pages from the thread that will read them (first-touch placement).
+  parallel_for(T, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) std::memset(buf.get() + t * per, int(t + 1), per);
+  });
+  std::vector<uint64_t> sink(T);
+  double best = 0.0;
+  for (int r = 0; r < reps; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    parallel_for(T, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) sink[t] += k.read_bytes(buf.get() + t * per, per);
+    });
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, double(per * T) / sec);
+  }
+  volatile uint64_t keep = 0;
+  for (uint64_t s : sink) keep = keep + s;
+  (void)keep;
+  return best;
+}
+
+}  // namespace wf

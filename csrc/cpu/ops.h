@@ -1,0 +1,33 @@
+// The CPU ops as the Python layer calls them: validated raw buffers, threads, the active ISA.
+// Pointers come from contiguous torch tensors checked by wrinklefree.ops; sizes are re-checked
+// here so that a bad call fails with an error instead of reading out of bounds.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/common.h"
+
+namespace wf {
+
+// codes[i] = clamp(round(w[i] / s), -1, 1) with s = max(mean|w|, 1e-5); returns s.
+float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes);
+
+// Per row of K: scale[n] = 127 / max(max|x|, 1e-5); q = clamp(round(x * scale), -128, 127).
+void act_quant_int8(const void* x, DType dt, int64_t N, int64_t K, int8_t* q, float* scale);
+
+// RMSNorm (weight w, float32) followed by act_quant_int8, without writing the normalised rows.
+void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64_t K, double eps, int8_t* q,
+                       float* scale);
+
+// out[N, M] = (sum_k code * q - sum_k q) / x_scale * w_scale over packed I2_S weights of M x K.
+void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
+                int64_t packed_nbytes, int64_t M, float* out);
+
+// act_quant_int8 then i2s_matmul.
+void bitlinear_infer(const void* x, DType dt, int64_t N, int64_t K, const uint8_t* packed, int64_t packed_nbytes,
+                     int64_t M, float* out);
+
+// Read bandwidth in bytes/s of `threads` threads streaming a buffer of `nbytes`, best of `reps`.
+double read_bandwidth(int64_t nbytes, int reps);
+
+}  // namespace wf

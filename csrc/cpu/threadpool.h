@@ -1,0 +1,24 @@
+// A small persistent thread pool for the CPU kernels. Workers spin briefly after each job (so
+// back-to-back kernels, as in decoding, do not pay a wake-up) and then sleep on a condition
+// variable. Work is split statically: thread t of T gets [t*n/T, (t+1)*n/T), so results never
+// depend on timing.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace wf {
+
+// Number of threads the kernels use (caller included). Default: WF_NUM_THREADS, else the CPUs
+// this process may run on.
+int num_threads();
+void set_num_threads(int n);
+
+// Runs fn(begin, end) over [0, n) split into contiguous ranges, one per thread (fewer when n is
+// small); returns when all are done. Exceptions in fn are rethrown in the caller.
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+
+// Same, but runs inline when the work (in elements touched) is too small to be worth threads.
+void parallel_for(int64_t n, int64_t work, const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace wf

@@ -1,0 +1,137 @@
+"""Matmul on packed I2_S weights: ``i2s_matmul`` (int8 activations) and ``bitlinear_infer``
+(float activations, quantized on the fly), the inference path of a packed BitLinear.
+
+The CPU kernel unpacks the 2-bit codes in registers and multiplies them with the int8
+activations (AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw or scalar, chosen at run time), accumulating in
+int32; it is threaded over output rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from wrinklefree import _C
+from wrinklefree.ops import reference
+from wrinklefree.ops._backend import check_same_device, check_tensor, dtype_code, use_native
+from wrinklefree.ops.packing import FORMATS
+
+
+def _check_packed(op: str, packed: Tensor, out_features: int, k: int) -> None:
+    check_tensor(op, "packed", packed, dtypes=(torch.uint8,), ndim=1)
+    if not isinstance(out_features, int) or out_features < 1:
+        raise ValueError(f"{op}: out_features must be a positive int, got {out_features!r}")
+    if k % 128:
+        raise ValueError(f"{op}: i2_s needs K (the last dimension of the input) to be a multiple of 128, got K={k}")
+    need = FORMATS["i2_s"].nbytes(out_features, k)
+    if packed.numel() != need:
+        raise ValueError(
+            f"{op}: packed holds {packed.numel()} bytes; out_features={out_features} x K={k} in i2_s needs "
+            f"M*K/4 + 32 = {need}"
+        )
+
+
+# ---- i2s_matmul -------------------------------------------------------------------------------
+
+
+def _check_i2s_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) -> None:
+    op = "i2s_matmul"
+    check_tensor(op, "q", q, dtypes=(torch.int8,), ndim=2)
+    check_tensor(op, "x_scale", x_scale, dtypes=(torch.float32,), ndim=1)
+    check_same_device(op, q=q, x_scale=x_scale, packed=packed)
+    if x_scale.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: x_scale must have q.shape[0]={q.shape[0]} elements, got {x_scale.shape[0]}")
+    _check_packed(op, packed, out_features, q.shape[1])
+
+
+@torch.library.custom_op("wrinklefree::i2s_matmul", mutates_args=())
+def _i2s_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    _check_i2s_matmul(q, x_scale, packed, out_features)
+    return reference.i2s_matmul(q, x_scale, packed, out_features)
+
+
+@_i2s_matmul.register_kernel("cpu")
+def _i2s_matmul_cpu(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    _check_i2s_matmul(q, x_scale, packed, out_features)
+    if not use_native():
+        return reference.i2s_matmul(q, x_scale, packed, out_features)
+    n, k = q.shape
+    out = torch.empty((n, out_features), dtype=torch.float32)
+    _C.i2s_matmul(
+        q.data_ptr(), x_scale.data_ptr(), n, k, packed.data_ptr(), packed.numel(), out_features, out.data_ptr()
+    )
+    return out
+
+
+@_i2s_matmul.register_fake
+def _(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    _check_i2s_matmul(q, x_scale, packed, out_features)
+    return q.new_empty((q.shape[0], out_features), dtype=torch.float32)
+
+
+def i2s_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """int8 activations times packed I2_S weights.
+
+    ``out[n, m] = float32(D - S) / x_scale[n] * w_scale`` with ``D = sum_k code[m, k] * q[n, k]``
+    (codes 0, 1, 2 for -1, 0, +1) and ``S = sum_k q[n, k]`` computed exactly in int32.
+
+    Args:
+        q: int8 [N, K], K a multiple of 128 (from :func:`act_quant_int8`).
+        x_scale: float32 [N], the activation scales (127 / absmax).
+        packed: uint8 [M*K/4 + 32], from ``pack(codes, scale, "i2_s")``.
+        out_features: M.
+    Returns:
+        float32 [N, M].
+    """
+    return _i2s_matmul(q, x_scale, packed, int(out_features))
+
+
+# ---- bitlinear_infer --------------------------------------------------------------------------
+
+
+def _check_bitlinear_infer(x: Tensor, packed: Tensor, out_features: int) -> None:
+    op = "bitlinear_infer"
+    check_tensor(op, "x", x, dtypes=(torch.float32, torch.bfloat16), ndim=2)
+    check_same_device(op, x=x, packed=packed)
+    _check_packed(op, packed, out_features, x.shape[1])
+
+
+@torch.library.custom_op("wrinklefree::bitlinear_infer", mutates_args=())
+def _bitlinear_infer(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    _check_bitlinear_infer(x, packed, out_features)
+    return reference.bitlinear_infer(x, packed, out_features)
+
+
+@_bitlinear_infer.register_kernel("cpu")
+def _bitlinear_infer_cpu(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    _check_bitlinear_infer(x, packed, out_features)
+    if not use_native():
+        return reference.bitlinear_infer(x, packed, out_features)
+    n, k = x.shape
+    out = torch.empty((n, out_features), dtype=torch.float32)
+    _C.bitlinear_infer(
+        x.data_ptr(), dtype_code(x), n, k, packed.data_ptr(), packed.numel(), out_features, out.data_ptr()
+    )
+    return out
+
+
+@_bitlinear_infer.register_fake
+def _(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    _check_bitlinear_infer(x, packed, out_features)
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+def bitlinear_infer(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """BitLinear forward on packed weights: per-row int8 quantization of ``x``, then
+    :func:`i2s_matmul`, in one call.
+
+    Args:
+        x: float32 or bfloat16 [N, K], contiguous, K a multiple of 128.
+        packed: uint8 [M*K/4 + 32] I2_S weights.
+        out_features: M.
+    Returns:
+        float32 [N, M].
+    """
+    return _bitlinear_infer(x, packed, int(out_features))
+
+

@@ -1,0 +1,154 @@
+"""Quantization ops: ternary weights, int8 activations, fused RMSNorm + int8 activations.
+
+Each op is a ``torch.library`` custom op (``torch.ops.wrinklefree.<name>``) with a fake kernel, so
+it traces under torch.compile. The CPU kernel is the compiled C++ core; other devices run the
+plain-PyTorch reference until their kernels land. All backends give the same bits
+(see :mod:`wrinklefree.ops.reference`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from wrinklefree import _C
+from wrinklefree.ops import reference
+from wrinklefree.ops._backend import FLOAT_DTYPES, check_same_device, check_tensor, dtype_code, use_native
+
+# ---- ternary_quant ----------------------------------------------------------------------------
+
+
+def _check_ternary_quant(w: Tensor) -> None:
+    check_tensor("ternary_quant", "w", w, dtypes=FLOAT_DTYPES, ndim=2)
+
+
+@torch.library.custom_op("wrinklefree::ternary_quant", mutates_args=())
+def _ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
+    _check_ternary_quant(w)
+    return reference.ternary_quant(w)
+
+
+@_ternary_quant.register_kernel("cpu")
+def _ternary_quant_cpu(w: Tensor) -> tuple[Tensor, Tensor]:
+    _check_ternary_quant(w)
+    if not use_native():
+        return reference.ternary_quant(w)
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    s = _C.ternary_quant(w.data_ptr(), dtype_code(w), w.numel(), codes.data_ptr())
+    return codes, torch.tensor(s, dtype=torch.float32)
+
+
+@_ternary_quant.register_fake
+def _(w: Tensor) -> tuple[Tensor, Tensor]:
+    _check_ternary_quant(w)
+    return torch.empty_like(w, dtype=torch.int8), w.new_empty((), dtype=torch.float32)
+
+
+def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Absmean ternary quantization of a weight matrix (DESIGN.md section 2).
+
+    Args:
+        w: float32, bfloat16 or float16 [M, K], contiguous.
+    Returns:
+        codes: int8 [M, K] in {-1, 0, 1}.
+        scale: float32 0-dim tensor, ``max(mean|w|, 1e-5)``; ``codes * scale`` dequantizes.
+    """
+    return _ternary_quant(w)
+
+
+# ---- act_quant_int8 ---------------------------------------------------------------------------
+
+
+def _check_act_quant(x: Tensor) -> None:
+    check_tensor("act_quant_int8", "x", x, dtypes=FLOAT_DTYPES, ndim=2)
+
+
+@torch.library.custom_op("wrinklefree::act_quant_int8", mutates_args=())
+def _act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_act_quant(x)
+    return reference.act_quant_int8(x)
+
+
+@_act_quant_int8.register_kernel("cpu")
+def _act_quant_int8_cpu(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_act_quant(x)
+    if not use_native():
+        return reference.act_quant_int8(x)
+    n, k = x.shape
+    q = torch.empty((n, k), dtype=torch.int8)
+    scale = torch.empty(n, dtype=torch.float32)
+    _C.act_quant_int8(x.data_ptr(), dtype_code(x), n, k, q.data_ptr(), scale.data_ptr())
+    return q, scale
+
+
+@_act_quant_int8.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_act_quant(x)
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+def act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8 quantization of activations (DESIGN.md section 2).
+
+    Args:
+        x: float32, bfloat16 or float16 [N, K], contiguous.
+    Returns:
+        q: int8 [N, K], ``clamp(round(x * scale), -128, 127)``.
+        scale: float32 [N], ``127 / max(max|x|, 1e-5)``; ``q / scale`` dequantizes.
+    """
+    return _act_quant_int8(x)
+
+
+# ---- rmsnorm_act_quant ------------------------------------------------------------------------
+
+
+def _check_rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float) -> None:
+    op = "rmsnorm_act_quant"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor(op, "weight", weight, dtypes=FLOAT_DTYPES, ndim=1)
+    check_same_device(op, x=x, weight=weight)
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"{op}: weight must have x.shape[1]={x.shape[1]} elements, got {weight.shape[0]}")
+    if not eps >= 0.0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+
+
+@torch.library.custom_op("wrinklefree::rmsnorm_act_quant", mutates_args=())
+def _rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_rmsnorm_act_quant(x, weight, eps)
+    return reference.rmsnorm_act_quant(x, weight, eps)
+
+
+@_rmsnorm_act_quant.register_kernel("cpu")
+def _rmsnorm_act_quant_cpu(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_rmsnorm_act_quant(x, weight, eps)
+    if not use_native():
+        return reference.rmsnorm_act_quant(x, weight, eps)
+    n, k = x.shape
+    w32 = weight.to(torch.float32).contiguous()
+    q = torch.empty((n, k), dtype=torch.int8)
+    scale = torch.empty(n, dtype=torch.float32)
+    _C.rmsnorm_act_quant(x.data_ptr(), dtype_code(x), w32.data_ptr(), n, k, float(eps), q.data_ptr(), scale.data_ptr())
+    return q, scale
+
+
+@_rmsnorm_act_quant.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_rmsnorm_act_quant(x, weight, eps)
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """RMSNorm followed by per-row int8 quantization, fused (the SubLN -> BitLinear input).
+
+    ``y = (x * inv_rms) * weight`` in float32 with ``inv_rms = 1 / sqrt(mean(x^2) + eps)``
+    (mean in float64, fixed order), then :func:`act_quant_int8` of ``y``; ``y`` is never stored.
+
+    Args:
+        x: float32, bfloat16 or float16 [N, K], contiguous.
+        weight: float [K], the norm's gain.
+        eps: added to the mean square, >= 0.
+    Returns:
+        ``(q int8 [N, K], scale float32 [N])`` as :func:`act_quant_int8`.
+    """
+    return _rmsnorm_act_quant(x, weight, float(eps))

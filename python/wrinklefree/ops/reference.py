@@ -1,0 +1,200 @@
+"""Plain-PyTorch references for every kernel op: the definition each kernel is tested against.
+
+They follow DESIGN.md section 2 exactly, including the order of floating-point operations, so the
+integer outputs of every backend match them bit for bit:
+
+* reductions that feed a rounding step (the weight mean, the RMSNorm sum of squares) are done in
+  float64 in a fixed order (:func:`_lane_sum`): element i goes to lane i % 8, each lane is summed
+  in index order, lanes are combined as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7));
+* scales and products are float32, multiplying by the reciprocal (``x * (127 / a)``);
+* rounding is half-to-even (``torch.round``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+WEIGHT_SCALE_FLOOR = 1e-5
+ACT_ABSMAX_FLOOR = 1e-5
+SUM_CHUNK = 1 << 16  # the weight mean is reduced in chunks of this many elements, in chunk order
+
+
+def _lane_sum(v: Tensor) -> Tensor:
+    """Fixed-order float64 sum over the last dim of ``v`` [R, L] -> [R] (see module docstring)."""
+    v = v.to(torch.float64)
+    rows, length = v.shape
+    pad = (-length) % 8
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))  # adding +0.0 leaves a lane unchanged
+    if v.shape[1] == 0:
+        return v.new_zeros(rows)
+    # cumsum runs sequentially along dim 1: lane j accumulates v[8t + j] for t = 0, 1, 2, ...
+    lanes = v.view(rows, -1, 8).cumsum(dim=1)[:, -1, :]
+    l0, l1, l2, l3, l4, l5, l6, l7 = lanes.unbind(dim=1)
+    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+
+
+def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Absmean ternary quantization of a weight tensor.
+
+    ``s = max(mean(|w|), 1e-5)``, ``codes = clamp(round(w * (1/s)), -1, 1)``.
+    Returns ``(codes int8, same shape as w; s float32 0-dim)``; ``codes * s`` dequantizes.
+    """
+    flat = w.reshape(-1).abs().to(torch.float64)
+    n = flat.numel()
+    chunks = torch.nn.functional.pad(flat, (0, (-n) % SUM_CHUNK)).view(-1, SUM_CHUNK)
+    total = _lane_sum(chunks).cumsum(0)[-1]  # chunk sums added in chunk order
+    s = torch.clamp((total / n).to(torch.float32), min=WEIGHT_SCALE_FLOOR)
+    inv = torch.ones_like(s) / s
+    codes = torch.clamp(torch.round(w.to(torch.float32) * inv), -1, 1).to(torch.int8)
+    return codes, s
+
+
+def _absmax_quant(y: Tensor) -> tuple[Tensor, Tensor]:
+    a = torch.clamp(y.abs().amax(dim=-1), min=ACT_ABSMAX_FLOOR)
+    # A true float32 division: `127.0 / a` would compute reciprocal(a) * 127, rounding twice.
+    scale = torch.full_like(a, 127.0) / a
+    q = torch.clamp(torch.round(y * scale[:, None]), -128, 127).to(torch.int8)
+    return q, scale
+
+
+def act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8 quantization of activations x [N, K].
+
+    ``scale = 127 / max(max|x|, 1e-5)`` (float32), ``q = clamp(round(x * scale), -128, 127)``.
+    Returns ``(q int8 [N, K], scale float32 [N])``; ``q / scale`` dequantizes.
+    """
+    return _absmax_quant(x.to(torch.float32))
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as the fused op computes it, in float32: ``(x * inv_rms) * weight``.
+
+    ``inv_rms = float32(1 / sqrt(sum(x^2) / K + eps))`` with the sum in float64, fixed order.
+    """
+    x = x.to(torch.float32)
+    ms = _lane_sum(x.to(torch.float64).square()) / x.shape[-1]
+    inv = (1.0 / torch.sqrt(ms + eps)).to(torch.float32)
+    return (x * inv[:, None]) * weight.to(torch.float32)
+
+
+def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm (the SubLN before a BitLinear) followed by :func:`act_quant_int8`."""
+    return _absmax_quant(rmsnorm(x, weight, eps))
+
+
+# ---- packed formats ---------------------------------------------------------------------------
+# Layouts: DESIGN.md section 3 (and the comments in csrc/cpu/formats.h).
+
+_POW3 = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32)
+
+
+def _block_scales(codes: Tensor, scale: Tensor, block: int) -> Tensor:
+    """Per-block float32 scales: broadcast a tensor scale (0 for all-zero blocks, as ggml writes)."""
+    blocks = codes.reshape(-1, block)
+    if scale.numel() == 1:
+        any_nonzero = (blocks != 0).any(dim=1)
+        return torch.where(any_nonzero, scale.reshape(()).to(torch.float32), torch.zeros((), dtype=torch.float32))
+    return scale.reshape(-1).to(torch.float32)
+
+
+def _fp16_bytes(d: Tensor) -> Tensor:
+    return d.to(torch.float16).view(torch.uint8).view(-1, 2)
+
+
+def _trits_to_bytes(t: Tensor, n_digits: int) -> Tensor:
+    """t [B, n_digits, W] digits 0..2, most significant first -> [B, W] bytes (ceil(q*256/243))."""
+    # a 4-digit byte is shifted up by one digit, so the weights are 81, 27, 9, 3 either way
+    q = (t.to(torch.int32) * _POW3[:n_digits].view(1, -1, 1)).sum(dim=1)
+    return ((q * 256 + 242) // 243).to(torch.uint8)
+
+
+def _bytes_to_trits(b: Tensor, n_digits: int) -> Tensor:
+    """[B, W] bytes -> [B, n_digits, W] digits 0..2."""
+    pow3 = torch.tensor([1, 3, 9, 27, 81][:n_digits], dtype=torch.int32).view(1, -1, 1)
+    q = (b.to(torch.int32).unsqueeze(1) * pow3) & 0xFF
+    return (q * 3) >> 8
+
+
+def pack(codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
+    """Pack ternary codes int8 [M, K] with their scale into the bytes of ``fmt`` (uint8, 1-D)."""
+    m, k = codes.shape
+    c = codes.to(torch.int32) + 1  # -1, 0, 1 -> 0, 1, 2
+    if fmt == "i2_s":
+        blocks = c.reshape(-1, 4, 32)  # [block, sub-block s (bits 7-6 .. 1-0), byte]
+        packed = (blocks[:, 0] << 6) | (blocks[:, 1] << 4) | (blocks[:, 2] << 2) | blocks[:, 3]
+        tail = torch.zeros(32, dtype=torch.uint8)
+        tail[:4] = scale.reshape(1).to(torch.float32).view(torch.uint8)
+        return torch.cat([packed.to(torch.uint8).reshape(-1), tail])
+    d = _fp16_bytes(_block_scales(codes, scale, 256))
+    blocks = c.reshape(-1, 256)
+    if fmt == "tq2_0":
+        halves = blocks.reshape(-1, 2, 4, 32)  # [block, half, n, m]: value 128h + 32n + m
+        qs = halves[:, :, 0] | (halves[:, :, 1] << 2) | (halves[:, :, 2] << 4) | (halves[:, :, 3] << 6)
+        qs = qs.reshape(-1, 64).to(torch.uint8)
+    elif fmt == "tq1_0":
+        qs = torch.cat(
+            [
+                _trits_to_bytes(blocks[:, :160].reshape(-1, 5, 32), 5),
+                _trits_to_bytes(blocks[:, 160:240].reshape(-1, 5, 16), 5),
+                _trits_to_bytes(blocks[:, 240:].reshape(-1, 4, 4), 4),
+            ],
+            dim=1,
+        )
+    else:
+        raise ValueError(f"fmt must be one of 'i2_s', 'tq2_0', 'tq1_0'; got {fmt!r}")
+    return torch.cat([qs, d], dim=1).reshape(-1)
+
+
+def unpack(buf: Tensor, shape: tuple[int, int], fmt: str) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`pack`: codes int8 [M, K] and the scale (float32 0-dim for i2_s, per block
+    [M, K // 256] for tq1_0/tq2_0)."""
+    m, k = shape
+    if fmt == "i2_s":
+        body = buf[: m * k // 4].to(torch.int32).reshape(-1, 1, 32)
+        shifts = torch.tensor([6, 4, 2, 0], dtype=torch.int32).view(1, 4, 1)
+        codes = ((body >> shifts) & 3).reshape(m, k) - 1
+        scale = buf[m * k // 4 : m * k // 4 + 4].clone().view(torch.float32).reshape(())
+        return codes.to(torch.int8), scale
+    bytes_per_block = {"tq2_0": 66, "tq1_0": 54}[fmt]
+    blocks = buf.reshape(-1, bytes_per_block)
+    d = blocks[:, -2:].clone().view(torch.float16).to(torch.float32).reshape(m, k // 256)
+    qs = blocks[:, :-2].to(torch.int32)
+    if fmt == "tq2_0":
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 1, 4, 1)
+        vals = (qs.reshape(-1, 2, 1, 32) >> shifts) & 3  # [block, half, n, m]
+        codes = vals.reshape(m, k) - 1
+    else:
+        codes = torch.cat(
+            [
+                _bytes_to_trits(qs[:, :32], 5).reshape(-1, 160),
+                _bytes_to_trits(qs[:, 32:48], 5).reshape(-1, 80),
+                _bytes_to_trits(qs[:, 48:52], 4).reshape(-1, 16),
+            ],
+            dim=1,
+        ).reshape(m, k) - 1
+    return codes.to(torch.int8), d
+
+
+# ---- matmul -----------------------------------------------------------------------------------
+
+
+def i2s_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """int8 activations q [N, K] (scales [N]) times I2_S weights -> float32 [N, out_features].
+
+    ``out = float32(D - S) / x_scale * w_scale`` with ``D = sum_k code * q`` (codes 0, 1, 2),
+    ``S = sum_k q``, both exact integers.
+    """
+    k = q.shape[1]
+    codes, w_scale = unpack(packed, (out_features, k), "i2_s")
+    q64 = q.to(torch.int64)
+    dot = q64 @ (codes.to(torch.int64) + 1).T  # exact: int64 accumulation
+    rowsum = q64.sum(dim=1, keepdim=True)
+    return ((dot - rowsum).to(torch.float32) / x_scale[:, None]) * w_scale
+
+
+def bitlinear_infer(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """act_quant_int8 then i2s_matmul: a BitLinear forward on packed weights."""
+    q, scale = act_quant_int8(x)
+    return i2s_matmul(q, scale, packed, out_features)

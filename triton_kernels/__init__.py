@@ -1,0 +1,1 @@
+"""Triton kernels for training on GPU (the CUDA backend of wrinklefree.ops)."""
