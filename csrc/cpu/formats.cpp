@@ -117,12 +117,9 @@ void pack(const FormatInfo& f, const int8_t* codes, int64_t M, int64_t K, const 
         uint8_t* o = out + (m * blocks_per_row + b) * f.block_bytes;
         pack_block(f, c, o);
         if (!f.tensor_scale) {
-          float d = scales[n_scales == 1 ? 0 : m * blocks_per_row + b];
-          if (n_scales == 1) {
-            bool any = false;
-            for (int i = 0; i < f.block_values; ++i) any |= c[i] != 0;
-            if (!any) d = 0.0f;
-          }
+          bool any = false;
+          for (int i = 0; i < f.block_values; ++i) any |= c[i] != 0;
+          const float d = any ? scales[n_scales == 1 ? 0 : m * blocks_per_row + b] : 0.0f;
           const uint16_t h = f32_to_f16(d);
           std::memcpy(o + code_bytes, &h, 2);
         }

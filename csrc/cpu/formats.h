@@ -33,8 +33,8 @@ const FormatInfo& format_info(const std::string& name);  // throws for unknown n
 int64_t packed_bytes(const FormatInfo& f, int64_t M, int64_t K);  // validates K
 
 // codes: int8 [M, K] in {-1, 0, 1}. scales: 1 value (the tensor scale; for per-block formats it
-// becomes every block's scale, 0 for blocks of zeros as ggml's quantizer writes), or one per
-// block (M * K / block_values) for per-block formats.
+// becomes every block's scale), or one per block (M * K / block_values) for per-block formats.
+// A block of zeros gets scale 0, as ggml's quantizer writes it.
 void pack(const FormatInfo& f, const int8_t* codes, int64_t M, int64_t K, const float* scales,
           int64_t n_scales, uint8_t* out);
 

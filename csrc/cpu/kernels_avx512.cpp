@@ -173,6 +173,41 @@ void gemm_tile(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_byte
     for (int c = 0; c < C; ++c) dots[r * C + c] = _mm512_reduce_add_epi32(acc[r][c]);
 }
 
+// One activation row (decode): memory bound. A few weight rows at a time keep the reads one
+// sequential stream (adjacent rows are adjacent in memory), which the hardware prefetchers follow;
+// wide tiles of many short row streams starve them. One accumulator per sub-block breaks the
+// vpdpbusd dependency chain.
+template <int C>
+void gemv_tile(const int8_t* act, int64_t K, const uint8_t* W, int64_t row_bytes, int32_t* dots) {
+  __m512i acc[C][4];
+  for (int c = 0; c < C; ++c)
+    for (int s = 0; s < 4; ++s) acc[c][s] = _mm512_setzero_si512();
+  const __m512i mask3 = _mm512_set1_epi8(3);
+  const int64_t pairs = K / 256;
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i a[4];
+    for (int s = 0; s < 4; ++s) a[s] = _mm512_loadu_si512(act + p * 256 + 64 * s);
+    for (int c = 0; c < C; ++c) {
+      const __m512i raw = _mm512_loadu_si512(W + c * row_bytes + p * 64);
+      for (int s = 0; s < 4; ++s)
+        acc[c][s] = _mm512_dpbusd_epi32(acc[c][s], _mm512_and_si512(_mm512_srli_epi16(raw, 6 - 2 * s), mask3), a[s]);
+    }
+  }
+  if (K % 256) {
+    for (int c = 0; c < C; ++c) {
+      const __m512i raw =
+          _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(W + c * row_bytes + pairs * 64)));
+      for (int s = 0; s < 4; ++s) {
+        const __m512i a = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(act + pairs * 256 + 32 * s)));
+        acc[c][s] = _mm512_dpbusd_epi32(acc[c][s], _mm512_and_si512(_mm512_srli_epi16(raw, 6 - 2 * s), mask3), a);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    dots[c] = _mm512_reduce_add_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(acc[c][0], acc[c][1]), _mm512_add_epi32(acc[c][2], acc[c][3])));
+}
+
 using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*);
 
 template <int R, int... Cs>
@@ -180,6 +215,7 @@ constexpr auto tile_row(std::integer_sequence<int, Cs...>) {
   return std::array<TileFn, sizeof...(Cs)>{&gemm_tile<R, Cs + 1>...};
 }
 
+#define WF_GC 1
 constexpr int kMaxR = 4, kMaxC = 8;
 const std::array<std::array<TileFn, kMaxC>, kMaxR> kTiles = {
     tile_row<1>(std::make_integer_sequence<int, kMaxC>{}), tile_row<2>(std::make_integer_sequence<int, kMaxC>{}),
@@ -190,8 +226,18 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
   const int64_t row_bytes = K / 4;
   // A single activation row (decode) is weight-bandwidth bound: use wide weight tiles. Several
   // rows are compute bound: 4 x 4 tiles reuse each unpacked code vector four times.
-  const int64_t R = N == 1 ? 1 : 4, C = N == 1 ? 8 : 4;
   int32_t dots[kMaxR * kMaxC];
+  if (N == 1) {
+    constexpr int64_t C = WF_GC;
+    for (int64_t m = m0; m < m1; m += C) {
+      const int64_t c = std::min(C, m1 - m);
+      if (c == C) gemv_tile<C>(acts, K, W + m * row_bytes, row_bytes, dots);
+      else kTiles[0][c - 1](acts, K, W + m * row_bytes, row_bytes, dots);
+      for (int64_t j = 0; j < c; ++j) out[m + j] = float(dots[j] - rowsum[0]) / x_scale[0] * w_scale;
+    }
+    return;
+  }
+  const int64_t R = 4, C = 4;
   for (int64_t m = m0; m < m1; m += C) {
     const int64_t c = std::min(C, m1 - m);
     for (int64_t n = 0; n < N; n += R) {

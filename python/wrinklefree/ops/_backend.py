@@ -10,8 +10,12 @@ package never fails on a machine without a GPU or driver.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+import warnings
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 
@@ -45,6 +49,43 @@ def set_backend(name: str) -> None:
 
 def use_native() -> bool:
     return _backend == "native"
+
+
+@functools.cache
+def cuda_core() -> ModuleType | None:
+    """The compiled CUDA core ``wrinklefree._C_cuda``, or None where it was not built (cached).
+
+    Called by the ops' CUDA kernels only, so the module is first imported when a CUDA tensor
+    arrives. Where the module exists but cannot serve (it fails to import, or its statically linked
+    CUDA runtime is newer than the driver, while torch's own runtime works) this warns once and
+    returns None, so the ops fall back to the reference instead of failing.
+    """
+    try:
+        core = importlib.import_module("wrinklefree._C_cuda")
+    except ModuleNotFoundError as e:
+        if e.name != "wrinklefree._C_cuda":
+            raise
+        return None  # built without CUDA (no toolkit, or WF_CUDA=off)
+    except ImportError as e:
+        warnings.warn(
+            f"wrinklefree._C_cuda is installed but does not import ({e}); CUDA ops run the "
+            "plain-PyTorch reference. Rebuild with `pip install .`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    if torch.cuda.is_available():
+        status = core.runtime_status()
+        if status != "cudaSuccess":
+            warnings.warn(
+                f"wrinklefree._C_cuda (built with CUDA runtime {core.cuda_runtime_version}) cannot use "
+                f"this machine's GPUs: {status} (driver supports CUDA {core.driver_version()}); CUDA ops "
+                "run the plain-PyTorch reference. Rebuild with a CUDA toolkit the driver supports.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+    return core
 
 
 # ---- argument checks shared by the ops --------------------------------------------------------

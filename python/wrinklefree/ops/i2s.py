@@ -83,6 +83,7 @@ def i2s_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) ->
     Returns:
         float32 [N, M].
     """
+    _check_i2s_matmul(q, x_scale, packed, out_features)  # clearer than the dispatcher's errors
     return _i2s_matmul(q, x_scale, packed, int(out_features))
 
 
@@ -132,6 +133,5 @@ def bitlinear_infer(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     Returns:
         float32 [N, M].
     """
+    _check_bitlinear_infer(x, packed, out_features)
     return _bitlinear_infer(x, packed, int(out_features))
-
-

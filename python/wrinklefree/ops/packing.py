@@ -26,8 +26,11 @@ class PackedFormat:
     tail_bytes: int  # bytes after the blocks (i2_s: scale + padding)
 
     def nbytes(self, rows: int, cols: int) -> int:
-        """Packed size of a [rows, cols] tensor."""
-        return int(_C.packed_bytes(self.name, rows, cols))
+        """Packed size of a [rows, cols] tensor (cols a multiple of block_values).
+
+        Plain Python (no call into the core) so that torch.compile traces through it.
+        """
+        return rows * (cols // self.block_values) * self.block_bytes + self.tail_bytes
 
 
 FORMATS: dict[str, PackedFormat] = {f["name"]: PackedFormat(**f) for f in _C.formats()}
@@ -102,13 +105,14 @@ def pack(codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
         codes: int8 [M, K] in {-1, 0, 1}, contiguous; K a multiple of the format's block
             (128 for i2_s, 256 for tq2_0 and tq1_0).
         scale: float32, one value (the tensor scale) or, for tq2_0/tq1_0, one per 256-value block.
-            A single scale becomes each block's fp16 scale (0 for blocks that are all zero, as
-            ggml's quantizer writes).
+            A single scale becomes each block's fp16 scale; a block of zeros gets scale 0, as
+            ggml's quantizer writes it.
         fmt: "i2_s", "tq2_0" or "tq1_0".
     Returns:
         uint8 1-D tensor: exactly ``M*K/4 + 32`` bytes for i2_s (codes, float32 scale, 28 zero
         bytes), ``M*K/256`` blocks of 66 (tq2_0) or 54 (tq1_0) bytes.
     """
+    _check_pack(codes, scale, fmt)  # before the dispatcher, which rejects non-tensors less clearly
     return _pack(codes, scale, fmt)
 
 
@@ -170,4 +174,5 @@ def unpack(buf: Tensor, shape: tuple[int, int] | list[int], fmt: str) -> tuple[T
         codes: int8 [M, K] in {-1, 0, 1}.
         scale: float32; 0-dim (the tensor scale) for i2_s, [M, K // 256] for tq2_0/tq1_0.
     """
+    _check_unpack(buf, list(shape), fmt)
     return _unpack(buf, [int(s) for s in shape], fmt)

@@ -1,8 +1,9 @@
 """Quantization ops: ternary weights, int8 activations, fused RMSNorm + int8 activations.
 
 Each op is a ``torch.library`` custom op (``torch.ops.wrinklefree.<name>``) with a fake kernel, so
-it traces under torch.compile. The CPU kernel is the compiled C++ core; other devices run the
-plain-PyTorch reference until their kernels land. All backends give the same bits
+it traces under torch.compile. The CPU kernel is the compiled C++ core; on CUDA, ``act_quant_int8``
+runs the compiled CUDA core (``wrinklefree._C_cuda``, where it was built); everything else runs
+the plain-PyTorch reference until its kernel lands. All backends give the same bits
 (see :mod:`wrinklefree.ops.reference`).
 """
 
@@ -13,7 +14,14 @@ from torch import Tensor
 
 from wrinklefree import _C
 from wrinklefree.ops import reference
-from wrinklefree.ops._backend import FLOAT_DTYPES, check_same_device, check_tensor, dtype_code, use_native
+from wrinklefree.ops._backend import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    cuda_core,
+    dtype_code,
+    use_native,
+)
 
 # ---- ternary_quant ----------------------------------------------------------------------------
 
@@ -53,6 +61,7 @@ def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
         codes: int8 [M, K] in {-1, 0, 1}.
         scale: float32 0-dim tensor, ``max(mean|w|, 1e-5)``; ``codes * scale`` dequantizes.
     """
+    _check_ternary_quant(w)  # before the dispatcher, which rejects non-tensors less clearly
     return _ternary_quant(w)
 
 
@@ -81,6 +90,22 @@ def _act_quant_int8_cpu(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+@_act_quant_int8.register_kernel("cuda")
+def _act_quant_int8_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_act_quant(x)
+    core = cuda_core() if use_native() else None
+    if core is None:
+        return reference.act_quant_int8(x)
+    n, k = x.shape
+    q = torch.empty((n, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    # The kernel runs on torch's current stream of x's device, so it is ordered after whatever
+    # produced x and before whatever reads q, and the caching allocator's stream bookkeeping holds.
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    core.act_quant_int8(x.data_ptr(), dtype_code(x), n, k, q.data_ptr(), scale.data_ptr(), x.device.index, stream)
+    return q, scale
+
+
 @_act_quant_int8.register_fake
 def _(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_act_quant(x)
@@ -96,6 +121,7 @@ def act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
         q: int8 [N, K], ``clamp(round(x * scale), -128, 127)``.
         scale: float32 [N], ``127 / max(max|x|, 1e-5)``; ``q / scale`` dequantizes.
     """
+    _check_act_quant(x)
     return _act_quant_int8(x)
 
 
@@ -151,4 +177,5 @@ def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Ten
     Returns:
         ``(q int8 [N, K], scale float32 [N])`` as :func:`act_quant_int8`.
     """
+    _check_rmsnorm_act_quant(x, weight, eps)
     return _rmsnorm_act_quant(x, weight, float(eps))

@@ -91,12 +91,10 @@ _POW3 = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32)
 
 
 def _block_scales(codes: Tensor, scale: Tensor, block: int) -> Tensor:
-    """Per-block float32 scales: broadcast a tensor scale (0 for all-zero blocks, as ggml writes)."""
-    blocks = codes.reshape(-1, block)
-    if scale.numel() == 1:
-        any_nonzero = (blocks != 0).any(dim=1)
-        return torch.where(any_nonzero, scale.reshape(()).to(torch.float32), torch.zeros((), dtype=torch.float32))
-    return scale.reshape(-1).to(torch.float32)
+    """Per-block float32 scales (a tensor scale broadcast); 0 for all-zero blocks, as ggml writes."""
+    any_nonzero = (codes.reshape(-1, block) != 0).any(dim=1)
+    per_block = scale.reshape(-1).to(torch.float32).expand(any_nonzero.shape[0])
+    return torch.where(any_nonzero, per_block, torch.zeros((), dtype=torch.float32))
 
 
 def _fp16_bytes(d: Tensor) -> Tensor:
@@ -166,14 +164,17 @@ def unpack(buf: Tensor, shape: tuple[int, int], fmt: str) -> tuple[Tensor, Tenso
         vals = (qs.reshape(-1, 2, 1, 32) >> shifts) & 3  # [block, half, n, m]
         codes = vals.reshape(m, k) - 1
     else:
-        codes = torch.cat(
-            [
-                _bytes_to_trits(qs[:, :32], 5).reshape(-1, 160),
-                _bytes_to_trits(qs[:, 32:48], 5).reshape(-1, 80),
-                _bytes_to_trits(qs[:, 48:52], 4).reshape(-1, 16),
-            ],
-            dim=1,
-        ).reshape(m, k) - 1
+        codes = (
+            torch.cat(
+                [
+                    _bytes_to_trits(qs[:, :32], 5).reshape(-1, 160),
+                    _bytes_to_trits(qs[:, 32:48], 5).reshape(-1, 80),
+                    _bytes_to_trits(qs[:, 48:52], 4).reshape(-1, 16),
+                ],
+                dim=1,
+            ).reshape(m, k)
+            - 1
+        )
     return codes.to(torch.int8), d
 
 

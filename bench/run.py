@@ -1,0 +1,577 @@
+"""Kernel benchmark: every wrinklefree op against its plain-PyTorch reference and, for the matmuls,
+against torch's fp32 matmul, on the BitNet b1.58 2B4T shapes (DESIGN.md section 6).
+
+    python bench/run.py [--quick] [--out PATH] [--threads N] [--isa avx512|avx2|scalar] [--kernels a,b]
+
+Prints a table and the section-6 targets, and writes one JSON row per (kernel, provider, shape);
+bench/README.md describes the flags and the schema. Benchmarks report, they never assert.
+
+To add a benchmark, write a generator of :class:`Case` and decorate it with ``@register("name")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import wrinklefree
+from wrinklefree import ops
+from wrinklefree.ops import reference
+
+# (K, M) of the 2B4T BitLinears: q/o, k/v, gate/up, down.
+SHAPES_KM = [(2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)]
+BATCHES = [1, 128]  # decode (one token) and prefill (a 128-token prompt)
+
+# Weights stream from DRAM in real decoding, but one 2B4T weight (0.4-4.4 MB packed) fits in this
+# machine's 32 MiB L3. Timed calls therefore cycle over copies of their streamed operands so that
+# one cycle touches ROTATE_BYTES and every call finds its data evicted. Twice the L3 is not enough
+# here: the L3 is not strictly LRU, a 64 MiB cycle still read at ~1.5x the DRAM rate, a 128 MiB one
+# at ~1.1x; the cycle is as large as the bandwidth probe's buffer, so both read equally cold data.
+ROTATE_BYTES = 256 << 20
+MAX_COPIES = 1024  # bounds memory and warm-up for tiny operands (N=1 activations stay in L3 anyway)
+
+# The probe buffer is 8x the L3, so it measures DRAM, not cache.
+BW_PROBE_BYTES = 256 << 20
+
+# A call moving less than this is bound by call overhead (the op dispatch alone is ~10-20 us), not
+# by bandwidth, so the quant-kernel bandwidth target is not judged on it.
+MIN_BW_TARGET_BYTES = 1 << 20
+
+DECODE_BW_SHARE = 0.80
+PREFILL_GMACS = 400.0
+PREFILL_VS_FP32 = 3.0
+QUANT_BW_SHARE = 0.50
+
+
+@dataclass
+class Provider:
+    """One implementation of a case: ``fn(*args)`` is the timed call."""
+
+    fn: Callable[..., object]
+    args: tuple
+    rotate: tuple[int, ...] = ()  # indices of args that stream from memory in real use (see ROTATE_BYTES)
+    nbytes: int | None = None  # bytes moved per call, where this provider's formats differ from the case's
+    stream_bytes: int | None = None  # likewise for the bandwidth-share numerator
+    slow: bool = False  # skipped by --quick
+
+
+@dataclass
+class Case:
+    kernel: str
+    shape: dict
+    providers: dict[str, Provider]
+    baseline: str  # provider the ratio column compares against
+    nbytes: int  # bytes moved per call in our formats: inputs + outputs
+    macs: int | None = None  # multiply-adds per call, for matmuls
+    memory_bound: bool = False  # report the share of the read bandwidth measured beside it
+    stream_bytes: int | None = None  # bytes the share is computed from (default: nbytes)
+
+
+@dataclass
+class Settings:
+    quick: bool
+    budget_s: float  # timed calls per provider: about this long in all
+    warmup_s: float
+    min_reps: int
+    max_reps: int
+    probe_reps: int
+    formats: tuple[str, ...] = ("i2_s",)  # packed formats for pack/unpack
+
+
+REGISTRY: dict[str, Callable[[Settings], Iterator[Case]]] = {}
+
+
+def register(kernel: str):
+    def deco(make_cases: Callable[[Settings], Iterator[Case]]):
+        REGISTRY[kernel] = make_cases
+        return make_cases
+
+    return deco
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Weight:
+    w: torch.Tensor  # float32 [M, K]
+    codes: torch.Tensor  # int8 [M, K]
+    scale: torch.Tensor
+    packed: torch.Tensor  # i2_s bytes
+
+
+@functools.cache
+def weight(m: int, k: int) -> Weight:
+    g = torch.Generator().manual_seed(m * 100_003 + k)
+    w = torch.randn(m, k, generator=g) * 0.02
+    codes, scale = ops.ternary_quant(w)
+    return Weight(w, codes, scale, ops.pack(codes, scale, "i2_s"))
+
+
+def activations(n: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n * 100_003 + k + 1)
+    return torch.randn(n, k, generator=g)
+
+
+def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w.T
+
+
+def packed_bytes(fmt: str, m: int, k: int) -> int:
+    return ops.FORMATS[fmt].nbytes(m, k)
+
+
+# ---- benchmark entries ------------------------------------------------------------------------
+
+
+def _matmul_cases(kernel: str, ours: Callable, ref: Callable, float_input: bool) -> Iterator[Case]:
+    for k, m in SHAPES_KM:
+        wt = weight(m, k)
+        for n in BATCHES:
+            x = activations(n, k)
+            if float_input:
+                args, in_bytes = (x, wt.packed, m), 4 * n * k
+            else:
+                q, x_scale = ops.act_quant_int8(x)
+                args, in_bytes = (q, x_scale, wt.packed, m), n * k + 4 * n
+            packed_at = len(args) - 2
+            fp32 = Provider(
+                fp32_matmul,
+                (x, wt.w),
+                rotate=(1,),
+                nbytes=4 * (n * k + m * k + n * m),
+                stream_bytes=4 * m * k,
+            )
+            yield Case(
+                kernel=kernel,
+                shape={"N": n, "K": k, "M": m},
+                providers={
+                    "wrinklefree": Provider(ours, args, rotate=(packed_at,)),
+                    "torch_fp32": fp32,
+                    # exact int64 matmul: slow, a correctness definition rather than a baseline
+                    "reference": Provider(ref, args, rotate=(packed_at,), slow=True),
+                },
+                baseline="torch_fp32",
+                nbytes=m * k // 4 + in_bytes + 4 * n * m,
+                macs=n * m * k,
+                memory_bound=n == 1,
+                # at N=1 the packed weight is all that matters; activations and output are tiny
+                stream_bytes=m * k // 4,
+            )
+
+
+@register("i2s_matmul")
+def i2s_matmul_cases(s: Settings) -> Iterator[Case]:
+    yield from _matmul_cases("i2s_matmul", ops.i2s_matmul, reference.i2s_matmul, float_input=False)
+
+
+@register("bitlinear_infer")
+def bitlinear_infer_cases(s: Settings) -> Iterator[Case]:
+    yield from _matmul_cases("bitlinear_infer", ops.bitlinear_infer, reference.bitlinear_infer, float_input=True)
+
+
+def _activation_ks() -> list[int]:
+    return sorted({k for k, _ in SHAPES_KM})
+
+
+@register("act_quant_int8")
+def act_quant_cases(s: Settings) -> Iterator[Case]:
+    for k in _activation_ks():
+        for n in BATCHES:
+            x = activations(n, k)
+            yield Case(
+                kernel="act_quant_int8",
+                shape={"N": n, "K": k},
+                providers={
+                    "wrinklefree": Provider(ops.act_quant_int8, (x,), rotate=(0,)),
+                    "reference": Provider(reference.act_quant_int8, (x,), rotate=(0,)),
+                },
+                baseline="reference",
+                nbytes=4 * n * k + n * k + 4 * n,
+                memory_bound=True,
+            )
+
+
+@register("rmsnorm_act_quant")
+def rmsnorm_act_quant_cases(s: Settings) -> Iterator[Case]:
+    for k in _activation_ks():
+        gain = torch.rand(k, generator=torch.Generator().manual_seed(k)) + 0.5
+        for n in BATCHES:
+            args = (activations(n, k), gain, 1e-5)
+            yield Case(
+                kernel="rmsnorm_act_quant",
+                shape={"N": n, "K": k},
+                providers={
+                    "wrinklefree": Provider(ops.rmsnorm_act_quant, args, rotate=(0,)),
+                    "reference": Provider(reference.rmsnorm_act_quant, args, rotate=(0,)),
+                },
+                baseline="reference",
+                nbytes=4 * n * k + 4 * k + n * k + 4 * n,
+                memory_bound=True,
+            )
+
+
+@register("ternary_quant")
+def ternary_quant_cases(s: Settings) -> Iterator[Case]:
+    for k, m in SHAPES_KM:
+        w = weight(m, k).w
+        yield Case(
+            kernel="ternary_quant",
+            shape={"K": k, "M": m},
+            providers={
+                "wrinklefree": Provider(ops.ternary_quant, (w,), rotate=(0,)),
+                "reference": Provider(reference.ternary_quant, (w,), rotate=(0,)),
+            },
+            baseline="reference",
+            nbytes=4 * m * k + m * k + 4,
+            memory_bound=True,
+        )
+
+
+@register("pack")
+def pack_cases(s: Settings) -> Iterator[Case]:
+    for fmt in s.formats:
+        for k, m in SHAPES_KM:
+            wt = weight(m, k)
+            args = (wt.codes, wt.scale, fmt)
+            yield Case(
+                kernel="pack",
+                shape={"K": k, "M": m, "fmt": fmt},
+                providers={
+                    "wrinklefree": Provider(ops.pack, args, rotate=(0,)),
+                    "reference": Provider(reference.pack, args, rotate=(0,)),
+                },
+                baseline="reference",
+                nbytes=m * k + packed_bytes(fmt, m, k),
+                memory_bound=True,
+            )
+
+
+@register("unpack")
+def unpack_cases(s: Settings) -> Iterator[Case]:
+    for fmt in s.formats:
+        for k, m in SHAPES_KM:
+            wt = weight(m, k)
+            buf = wt.packed if fmt == "i2_s" else ops.pack(wt.codes, wt.scale, fmt)
+            scale_bytes = 4 if ops.FORMATS[fmt].tensor_scale else 4 * m * k // ops.FORMATS[fmt].block_values
+            yield Case(
+                kernel="unpack",
+                shape={"K": k, "M": m, "fmt": fmt},
+                providers={
+                    "wrinklefree": Provider(ops.unpack, (buf, (m, k), fmt), rotate=(0,)),
+                    "reference": Provider(reference.unpack, (buf, (m, k), fmt), rotate=(0,)),
+                },
+                baseline="reference",
+                nbytes=buf.numel() + m * k + scale_bytes,
+                memory_bound=True,
+            )
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    reps: int
+    copies: int
+    touched_bytes: int  # bytes of rotated operands one cycle over the copies reads
+
+
+def rotated_args(p: Provider) -> tuple[list[tuple], int]:
+    if not p.rotate:
+        return [p.args], 0
+    per_copy = sum(p.args[i].nbytes for i in p.rotate)
+    n = max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / per_copy)))
+    sets = [p.args] + [tuple(a.clone() if i in p.rotate else a for i, a in enumerate(p.args)) for _ in range(n - 1)]
+    return sets, n * per_copy
+
+
+def time_provider(p: Provider, s: Settings) -> Timing:
+    sets, touched = rotated_args(p)
+    n = len(sets)
+
+    def call(i: int) -> None:
+        p.fn(*sets[i % n])
+
+    # The first call pays one-off costs (torch imports its compile machinery on a custom op's first
+    # call, ~1 s; output pages fault in), so it neither counts nor serves as the estimate, unless
+    # it is already slower than the whole budget.
+    t0 = time.perf_counter()
+    call(0)
+    est = time.perf_counter() - t0
+    i = 1
+    if est < s.budget_s:
+        t0 = time.perf_counter()
+        call(i)
+        est = time.perf_counter() - t0
+        i += 1
+        for _ in range(min(n, int(s.warmup_s / max(est, 1e-9)))):
+            call(i)
+            i += 1
+    reps = max(s.min_reps, min(s.max_reps, int(s.budget_s / max(est, 1e-9))))
+    times = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        call(i + r)
+        times.append(time.perf_counter() - t0)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(statistics.median(times), deciles[1], deciles[7], reps, n, touched)
+
+
+def probe_bandwidth(s: Settings) -> float:
+    return ops.read_bandwidth(BW_PROBE_BYTES, s.probe_reps)
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+
+def run_case(case: Case, s: Settings) -> list[dict]:
+    names = [name for name, p in case.providers.items() if not (s.quick and p.slow)]
+    # Ours is timed between two bandwidth probes, since the VM's bandwidth drifts by minutes.
+    order = sorted(names, key=lambda name: name != "wrinklefree")
+    timings: dict[str, Timing] = {}
+    probes: list[float] = []
+    for name in order:
+        if case.memory_bound and name == "wrinklefree":
+            probes.append(probe_bandwidth(s))
+        timings[name] = time_provider(case.providers[name], s)
+        if case.memory_bound and name == "wrinklefree":
+            probes.append(probe_bandwidth(s))
+    bw = statistics.mean(probes) if probes else None
+
+    base = timings.get(case.baseline)
+    rows = []
+    for name in names:
+        p, t = case.providers[name], timings[name]
+        nbytes = p.nbytes if p.nbytes is not None else case.nbytes
+        stream = p.stream_bytes if p.stream_bytes is not None else (case.stream_bytes or nbytes)
+        rows.append(
+            {
+                "kernel": case.kernel,
+                "provider": name,
+                "mode": "forward",
+                "shape": case.shape,
+                "median_ms": t.median_s * 1e3,
+                "p20_ms": t.p20_s * 1e3,
+                "p80_ms": t.p80_s * 1e3,
+                "reps": t.reps,
+                "copies": t.copies,
+                "touched_mb": t.touched_bytes / 1e6,
+                "bytes": nbytes,
+                "gb_per_s": nbytes / t.median_s / 1e9,
+                "gmac_per_s": case.macs / t.median_s / 1e9 if case.macs else None,
+                "stream_bytes": stream if case.memory_bound else None,
+                "read_bw_gb_per_s": bw / 1e9 if bw else None,
+                "read_bw_probes_gb_per_s": [b / 1e9 for b in probes] if probes else None,
+                "pct_read_bw": 100 * stream / t.median_s / bw if bw else None,
+                "baseline": case.baseline,
+                # speedup of this row's provider over the baseline (> 1: faster), medians of this run
+                "ratio": base.median_s / t.median_s if base else None,
+            }
+        )
+    return rows
+
+
+def call_overhead_us(s: Settings) -> dict[str, float]:
+    """Median time of the smallest legal calls: the fixed cost every op call pays."""
+    wt_codes, wt_scale = ops.ternary_quant(torch.ones(8, 128))
+    packed = ops.pack(wt_codes, wt_scale, "i2_s")
+    q, x_scale = ops.act_quant_int8(torch.ones(1, 128))
+    w = torch.ones(8, 128)
+    tiny = replace(s, budget_s=0.05)
+    return {
+        "i2s_matmul": time_provider(Provider(ops.i2s_matmul, (q, x_scale, packed, 8)), tiny).median_s * 1e6,
+        "torch_fp32_matmul": time_provider(Provider(fp32_matmul, (torch.ones(1, 128), w)), tiny).median_s * 1e6,
+    }
+
+
+def evaluate_targets(rows: list[dict]) -> list[dict]:
+    ours = [r for r in rows if r["provider"] == "wrinklefree"]
+    targets = []
+
+    def add(name: str, row: dict, value: float | None, goal: float, unit: str, judged: bool = True) -> None:
+        targets.append(
+            {
+                "target": name,
+                "kernel": row["kernel"],
+                "shape": row["shape"],
+                "value": value,
+                "goal": goal,
+                "unit": unit,
+                "met": (value is not None and value >= goal) if judged else None,
+            }
+        )
+
+    for r in ours:
+        if r["kernel"] == "i2s_matmul" and r["shape"]["N"] == 1:
+            add("decode weight streaming", r, r["pct_read_bw"], 100 * DECODE_BW_SHARE, "% of read BW")
+        elif r["kernel"] == "i2s_matmul":
+            add("prefill throughput", r, r["gmac_per_s"], PREFILL_GMACS, "G multiply-adds/s")
+            add("prefill vs torch fp32", r, r["ratio"], PREFILL_VS_FP32, "x torch fp32")
+        elif r["kernel"] in ("act_quant_int8", "rmsnorm_act_quant", "ternary_quant"):
+            judged = r["bytes"] >= MIN_BW_TARGET_BYTES
+            add("quant bandwidth", r, r["pct_read_bw"], 100 * QUANT_BW_SHARE, "% of read BW", judged)
+    return targets
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def shape_text(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def fmt_num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_header() -> None:
+    print(
+        f"{'kernel':<18} {'provider':<12} {'shape':<28} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} "
+        f"{'GB/s':>7} {'G MAC/s':>8} {'read BW':>8} {'% BW':>6} {'ratio':>8}",
+        flush=True,
+    )
+
+
+def print_row(r: dict) -> None:
+    ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+    print(
+        f"{r['kernel']:<18} {r['provider']:<12} {shape_text(r['shape']):<28} "
+        f"{r['median_ms']:>10.4f} {r['p20_ms']:>9.4f} {r['p80_ms']:>9.4f} "
+        f"{r['gb_per_s']:>7.2f} {fmt_num(r['gmac_per_s'], '8.1f'):>8} "
+        f"{fmt_num(r['read_bw_gb_per_s'], '8.1f'):>8} {fmt_num(r['pct_read_bw'], '5.1f'):>6} {ratio:>8}",
+        flush=True,
+    )
+
+
+def print_targets(targets: list[dict]) -> None:
+    print("\nTargets (DESIGN.md section 6; reported, not asserted):")
+    for t in targets:
+        verdict = {True: "MET", False: "not met", None: "n/a (< 1 MiB per call: call-overhead bound)"}[t["met"]]
+        print(
+            f"  {t['target']:<24} {t['kernel']:<18} {shape_text(t['shape']):<22} "
+            f"{fmt_num(t['value'], '8.1f')} vs >= {t['goal']:g} {t['unit']:<18} {verdict}"
+        )
+    judged = [t for t in targets if t["met"] is not None]
+    print(f"  {sum(t['met'] for t in judged)} of {len(judged)} judged targets met")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few reps, no int64 reference matmul, i2_s only (< 60 s)")
+    ap.add_argument("--out", "--json", dest="out", default="bench/out/kernels.json", help="JSON output path")
+    ap.add_argument("--threads", type=int, help="kernel threads (torch gets the same); default: all CPUs")
+    ap.add_argument("--isa", choices=["avx512", "avx2", "scalar"], help="force the kernels' instruction set")
+    ap.add_argument("--kernels", help=f"comma-separated subset of: {', '.join(REGISTRY)}")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        ops.set_num_threads(args.threads)
+    if args.isa:
+        ops.set_isa(args.isa)
+    # torch's matmul is the baseline, so it gets exactly the threads our kernels get
+    torch.set_num_threads(ops.get_num_threads())
+
+    kernels = list(REGISTRY)
+    if args.kernels:
+        kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+        unknown = [k for k in kernels if k not in REGISTRY]
+        if unknown:
+            sys.exit(f"unknown kernels {unknown}; choose from {list(REGISTRY)}")
+
+    if args.quick:
+        s = Settings(quick=True, budget_s=0.1, warmup_s=0.02, min_reps=3, max_reps=200, probe_reps=2)
+    else:
+        s = Settings(
+            quick=False,
+            budget_s=1.0,
+            warmup_s=0.2,
+            min_reps=5,
+            max_reps=2000,
+            probe_reps=3,
+            formats=("i2_s", "tq2_0", "tq1_0"),
+        )
+
+    start = time.perf_counter()
+    bw_start = probe_bandwidth(replace(s, probe_reps=5))
+    meta = {
+        "cpu": cpu_model(),
+        "isa": ops.get_isa(),
+        "supported_isas": ops.supported_isas(),
+        "threads": ops.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "wrinklefree_version": wrinklefree.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": s.quick,
+        "read_bw_gb_per_s": bw_start / 1e9,
+        "read_bw_probe_bytes": BW_PROBE_BYTES,
+        "rotate_bytes": ROTATE_BYTES,
+        "call_overhead_us": call_overhead_us(s),
+    }
+    print(
+        f"{meta['cpu']} | isa {meta['isa']} | {meta['threads']} threads | wrinklefree {meta['wrinklefree_version']}"
+        f" | torch {meta['torch_version']} | read BW {meta['read_bw_gb_per_s']:.1f} GB/s"
+        f" | op call overhead {meta['call_overhead_us']['i2s_matmul']:.1f} us"
+        f" (torch matmul {meta['call_overhead_us']['torch_fp32_matmul']:.1f} us)\n"
+        "ratio = speedup over the case's baseline (torch_fp32 for matmuls, reference otherwise); "
+        "% BW = share of the read bandwidth probed beside the timing (N=1 matmuls: packed weight bytes only;\n"
+        "elsewhere inputs + outputs, so a kernel writing more than it reads, like unpack, can pass 100)\n"
+    )
+    print_header()
+
+    rows: list[dict] = []
+    for kernel in kernels:
+        for case in REGISTRY[kernel](s):
+            for row in run_case(case, s):
+                print_row(row)
+                rows.append(row)
+
+    targets = evaluate_targets(rows)
+    print_targets(targets)
+    probes = [b for r in rows if r["provider"] == "wrinklefree" for b in (r["read_bw_probes_gb_per_s"] or [])]
+    meta["read_bw_probes_gb_per_s"] = {
+        "min": min(probes, default=None),
+        "median": statistics.median(probes) if probes else None,
+        "max": max(probes, default=None),
+        "count": len(probes),
+    }
+    meta["wall_s"] = time.perf_counter() - start
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1) + "\n")
+    print(f"\nwrote {out} ({len(rows)} rows) in {meta['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

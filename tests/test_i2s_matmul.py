@@ -1,0 +1,102 @@
+"""i2s_matmul and bitlinear_infer against the reference (bit for bit) and against float math."""
+
+import pytest
+import torch
+
+from wrinklefree import ops
+from wrinklefree.ops import reference
+
+
+def packed_weight(m, k, scale=0.043):
+    codes = torch.randint(-1, 2, (m, k), dtype=torch.int8)
+    return codes, ops.pack(codes, torch.tensor(scale), "i2_s")
+
+
+def int8_acts(n, k):
+    x = torch.randn(n, k) * torch.logspace(-2, 1, n).unsqueeze(1)
+    return ops.act_quant_int8(x)
+
+
+@pytest.mark.parametrize("n", [1, 3, 17, 128])
+@pytest.mark.parametrize("m", [1, 7, 33, 65])
+@pytest.mark.parametrize("k", [128, 384, 640, 2560])
+def test_i2s_matmul_matches_reference(isa, n, m, k):
+    _, packed = packed_weight(m, k)
+    q, x_scale = int8_acts(n, k)
+    out = ops.i2s_matmul(q, x_scale, packed, m)
+    assert out.dtype == torch.float32 and out.shape == (n, m)
+    assert torch.equal(out, reference.i2s_matmul(q, x_scale, packed, m))
+
+
+def test_i2s_matmul_extreme_activations(isa):
+    # all -128 / all 127 rows and codes all -1 / all +1: the largest int32 sums the kernel meets
+    k, m = 6912, 4
+    codes = torch.tensor([-1, 1, 0, -1], dtype=torch.int8).repeat_interleave(k).view(m, k).contiguous()
+    packed = ops.pack(codes, torch.tensor(1.0), "i2_s")
+    q = torch.stack([torch.full((k,), -128), torch.full((k,), 127)]).to(torch.int8)
+    out = ops.i2s_matmul(q, torch.ones(2), packed, m)
+    assert out.tolist() == [[128.0 * k, -128.0 * k, 0.0, 128.0 * k], [-127.0 * k, 127.0 * k, 0.0, -127.0 * k]]
+    assert torch.equal(out, reference.i2s_matmul(q, torch.ones(2), packed, m))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_i2s_matmul_independent_of_threads(threads, n_threads):
+    _, packed = packed_weight(91, 1152)
+    q, x_scale = int8_acts(9, 1152)
+    expected = reference.i2s_matmul(q, x_scale, packed, 91)
+    ops.set_num_threads(n_threads)
+    assert torch.equal(ops.i2s_matmul(q, x_scale, packed, 91), expected)
+
+
+def test_i2s_matmul_equals_dequantized_float_matmul():
+    codes, packed = packed_weight(40, 512, scale=0.02)
+    q, x_scale = int8_acts(5, 512)
+    dense = (q.double() / x_scale.double()[:, None]) @ (codes.double() * 0.02).T
+    torch.testing.assert_close(ops.i2s_matmul(q, x_scale, packed, 40).double(), dense, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_bitlinear_infer_is_act_quant_then_matmul(isa, dtype, n):
+    _, packed = packed_weight(33, 640)
+    x = torch.randn(n, 640).to(dtype)
+    q, x_scale = reference.act_quant_int8(x)
+    expected = reference.i2s_matmul(q, x_scale, packed, 33)
+    assert torch.equal(ops.bitlinear_infer(x, packed, 33), expected)
+    assert torch.equal(reference.bitlinear_infer(x, packed, 33), expected)
+
+
+def test_bitlinear_infer_approximates_linear():
+    # a ternary weight times int8-quantized activations stays close to the float product
+    w = torch.randn(64, 1024) * 0.02
+    codes, scale = ops.ternary_quant(w)
+    packed = ops.pack(codes, scale, "i2_s")
+    x = torch.randn(4, 1024)
+    exact = x @ (codes.float() * scale).T
+    out = ops.bitlinear_infer(x, packed, 64)
+    assert ((out - exact).norm() / exact.norm()).item() < 0.02
+
+
+def test_matmul_errors_name_the_argument():
+    _, packed = packed_weight(8, 256)
+    q, x_scale = int8_acts(2, 256)
+    with pytest.raises(ValueError, match="packed holds 95 bytes; out_features=8 x K=256 in i2_s needs"):
+        ops.i2s_matmul(q, x_scale, packed[:95].contiguous(), 8)
+    with pytest.raises(ValueError, match="packed holds 544 bytes; out_features=7"):
+        ops.i2s_matmul(q, x_scale, packed, 7)
+    with pytest.raises(TypeError, match="i2s_matmul: q must have dtype int8"):
+        ops.i2s_matmul(q.float(), x_scale, packed, 8)
+    with pytest.raises(ValueError, match="x_scale must have q.shape\\[0\\]=2 elements, got 1"):
+        ops.i2s_matmul(q, x_scale[:1], packed, 8)
+    with pytest.raises(TypeError, match="x_scale must have dtype float32"):
+        ops.i2s_matmul(q, x_scale.double(), packed, 8)
+    with pytest.raises(ValueError, match="multiple of 128, got K=200"):
+        ops.i2s_matmul(q[:, :200].contiguous(), x_scale, packed, 8)
+    with pytest.raises(ValueError, match="q must be contiguous"):
+        ops.i2s_matmul(torch.zeros(256, 2, dtype=torch.int8).T, x_scale, packed, 8)
+    with pytest.raises(ValueError, match="out_features must be a positive int"):
+        ops.i2s_matmul(q, x_scale, packed, 0)
+    with pytest.raises(TypeError, match="bitlinear_infer: x must have dtype float32, bfloat16"):
+        ops.bitlinear_infer(torch.ones(2, 256, dtype=torch.float16), packed, 8)
+    with pytest.raises(ValueError, match="bitlinear_infer: x must be 2-D"):
+        ops.bitlinear_infer(torch.ones(256), packed, 8)

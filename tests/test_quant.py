@@ -1,0 +1,161 @@
+"""ternary_quant, act_quant_int8, rmsnorm_act_quant against their references, bit for bit."""
+
+import pytest
+import torch
+
+from wrinklefree import ops
+from wrinklefree.ops import reference
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+ROWS = [1, 3, 17, 128]
+COLS = [1, 7, 128, 300, 2560]
+
+
+def assert_same(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a, b), f"{(a != b).sum().item()} of {a.numel()} elements differ"
+
+
+def random_rows(n, k, dtype):
+    # rows of very different magnitudes, one all-zero row, outliers: the scales differ per row
+    x = torch.randn(n, k) * torch.logspace(-3, 2, n).unsqueeze(1)
+    if n > 2:
+        x[1] = 0.0
+    x.view(-1)[:: max(1, x.numel() // 5)] *= 40.0
+    return x.to(dtype)
+
+
+# ---- ternary_quant ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (17, 300), (65, 1025), (300, 700)])
+def test_ternary_quant_matches_reference(isa, dtype, shape):
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    codes, scale = ops.ternary_quant(w)
+    ref_codes, ref_scale = reference.ternary_quant(w)
+    assert_same(codes, ref_codes)
+    assert_same(scale, ref_scale)
+    assert scale.dim() == 0 and set(codes.unique().tolist()) <= {-1, 0, 1}
+
+
+def test_ternary_quant_large_tensor_spans_many_chunks(isa):
+    # > SUM_CHUNK elements and not a multiple of it: exercises the chunked, threaded mean
+    w = torch.randn(331, 1000) * 0.05
+    codes, scale = ops.ternary_quant(w)
+    ref_codes, ref_scale = reference.ternary_quant(w)
+    assert_same(codes, ref_codes)
+    assert_same(scale, ref_scale)
+    torch.testing.assert_close(scale, w.abs().mean(), rtol=1e-6, atol=0)
+
+
+def test_ternary_quant_hand_worked():
+    # mean|w| = 8/8 = 1 -> inv = 1: 2 clamps to 1; +-0.5 round half to even -> 0; 1.5 -> 2 -> 1
+    w = torch.tensor([[2.0, 0.5, -0.5, -1.0, 1.5, -1.5, 0.0, 1.0]])
+    codes, scale = ops.ternary_quant(w)
+    assert scale.item() == 1.0
+    assert codes.tolist() == [[1, 0, 0, -1, 1, -1, 0, 1]]
+
+
+def test_ternary_quant_scale_floor():
+    codes, scale = ops.ternary_quant(torch.zeros(4, 4))
+    assert scale.item() == pytest.approx(1e-5) and not codes.any()
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_ternary_quant_independent_of_threads(threads, n_threads):
+    w = torch.randn(257, 1031) * 0.02
+    expected = reference.ternary_quant(w)
+    ops.set_num_threads(n_threads)
+    codes, scale = ops.ternary_quant(w)
+    assert_same(codes, expected[0])
+    assert_same(scale, expected[1])
+
+
+# ---- act_quant_int8 ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", ROWS)
+@pytest.mark.parametrize("k", COLS)
+def test_act_quant_matches_reference(isa, dtype, n, k):
+    x = random_rows(n, k, dtype)
+    q, scale = ops.act_quant_int8(x)
+    ref_q, ref_scale = reference.act_quant_int8(x)
+    assert_same(q, ref_q)
+    assert_same(scale, ref_scale)
+
+
+def test_act_quant_hand_worked(isa):
+    # absmax 127 -> scale exactly 1: ties round to even (2.5 -> 2, 3.5 -> 4, -0.5 -> 0)
+    x = torch.tensor([[127.0, 2.5, 3.5, -2.5, -0.5, 0.49, -127.0]])
+    q, scale = ops.act_quant_int8(x)
+    assert scale.tolist() == [1.0]
+    assert q.tolist() == [[127, 2, 4, -2, 0, 0, -127]]
+
+
+def test_act_quant_zero_row_uses_floor(isa):
+    q, scale = ops.act_quant_int8(torch.zeros(2, 9))
+    floor = torch.tensor(127.0) / torch.tensor(1e-5)  # float32 division, as the kernels do
+    assert torch.equal(scale, floor.expand(2))
+    assert not q.any()
+
+
+def test_act_quant_dequantizes_within_half_step():
+    x = torch.randn(5, 333)
+    q, scale = ops.act_quant_int8(x)
+    err = (q.float() / scale[:, None] - x).abs()
+    assert (err <= 0.5 / scale[:, None] * (1 + 1e-6)).all()
+
+
+# ---- rmsnorm_act_quant ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", ROWS)
+@pytest.mark.parametrize("k", [1, 7, 300, 2560])
+def test_rmsnorm_act_quant_matches_reference(isa, dtype, n, k):
+    x = random_rows(n, k, dtype)
+    weight = (1.0 + 0.1 * torch.randn(k)).to(dtype)
+    q, scale = ops.rmsnorm_act_quant(x, weight, 1e-5)
+    ref_q, ref_scale = reference.rmsnorm_act_quant(x, weight, 1e-5)
+    assert_same(q, ref_q)
+    assert_same(scale, ref_scale)
+
+
+def test_rmsnorm_act_quant_is_rmsnorm_then_act_quant():
+    x = torch.randn(9, 640)
+    weight = torch.rand(640) + 0.5
+    q, scale = ops.rmsnorm_act_quant(x, weight, 1e-6)
+    # torch's own RMSNorm, quantized: equal up to the rounding of values within float error of a tie
+    y = torch.nn.functional.rms_norm(x, (640,), weight, eps=1e-6)
+    q_torch, scale_torch = reference.act_quant_int8(y)
+    torch.testing.assert_close(scale, scale_torch, rtol=1e-5, atol=0)
+    assert (q.int() - q_torch.int()).abs().max() <= 1
+    assert (q != q_torch).float().mean() < 1e-3
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def test_quant_errors_name_the_argument():
+    with pytest.raises(TypeError, match="act_quant_int8: x must have dtype"):
+        ops.act_quant_int8(torch.ones(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="act_quant_int8: x must be 2-D"):
+        ops.act_quant_int8(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        ops.act_quant_int8(torch.ones(8, 6).T)
+    with pytest.raises(ValueError, match="x must not be empty"):
+        ops.act_quant_int8(torch.ones(0, 6))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.act_quant_int8([[1.0, 2.0]])
+    with pytest.raises(TypeError, match="ternary_quant: w must have dtype"):
+        ops.ternary_quant(torch.ones(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ternary_quant: w must be 2-D"):
+        ops.ternary_quant(torch.ones(6))
+    with pytest.raises(ValueError, match="weight must have x.shape\\[1\\]=6 elements, got 5"):
+        ops.rmsnorm_act_quant(torch.ones(2, 6), torch.ones(5))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        ops.rmsnorm_act_quant(torch.ones(2, 6), torch.ones(6), -1.0)
+    with pytest.raises(ValueError, match="weight must be 1-D"):
+        ops.rmsnorm_act_quant(torch.ones(2, 6), torch.ones(1, 6))
