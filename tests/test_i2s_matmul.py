@@ -37,6 +37,8 @@ def test_i2s_matmul_extreme_activations(isa):
     out = ops.i2s_matmul(q, torch.ones(2), packed, m)
     assert out.tolist() == [[128.0 * k, -128.0 * k, 0.0, 128.0 * k], [-127.0 * k, 127.0 * k, 0.0, -127.0 * k]]
     assert torch.equal(out, reference.i2s_matmul(q, torch.ones(2), packed, m))
+    for row in range(2):  # one row takes the decode (GEMV) path, which accumulates differently
+        assert torch.equal(ops.i2s_matmul(q[row : row + 1], torch.ones(1), packed, m), out[row : row + 1])
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])

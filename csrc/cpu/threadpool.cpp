@@ -25,7 +25,8 @@
 namespace wf {
 namespace {
 
-constexpr auto kSpin = std::chrono::microseconds(200);  // how long idle workers spin before sleeping
+constexpr auto kSpin = std::chrono::microseconds(100);  // how long idle workers spin before sleeping
+constexpr int64_t kChunksPerThread = 4;
 
 int default_threads() {
   if (const char* env = std::getenv("WF_NUM_THREADS")) {
@@ -37,10 +38,36 @@ int default_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// One parallel_for call. It lives on the caller's stack; workers reach it through Pool::job_.
+struct Job {
+  const std::function<void(int64_t, int64_t)>* fn;
+  int64_t n, chunk, n_chunks;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex err_mu;
+  std::exception_ptr error;
+
+  // Claims chunks until none are left. Chunks are claimed dynamically, so a worker that wakes
+  // late (a descheduled vCPU, a slow futex wake-up) never holds the caller up: the caller takes
+  // the chunks itself.
+  void work() {
+    for (;;) {
+      const int64_t c = next.fetch_add(1);
+      if (c >= n_chunks) return;
+      try {
+        (*fn)(c * chunk, std::min(n, (c + 1) * chunk));
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(err_mu);
+        if (!error) error = std::current_exception();
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
 class Pool {
  public:
   explicit Pool(int n) : n_(n) {
-    for (int t = 1; t < n_; ++t) workers_.emplace_back([this, t] { work(t); });
+    for (int t = 1; t < n_; ++t) workers_.emplace_back([this] { work(); });
   }
   ~Pool() {
     {
@@ -54,35 +81,29 @@ class Pool {
   int size() const { return n_; }
 
   void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-    const int used = int(std::min<int64_t>(n_, n));
-    job_ = &fn;
-    job_n_ = n;
-    job_threads_ = used;
-    error_ = nullptr;
-    pending_.store(n_ - 1);
+    Job job;
+    job.fn = &fn;
+    job.n = n;
+    job.n_chunks = std::min<int64_t>(n, n_ * kChunksPerThread);
+    job.chunk = (n + job.n_chunks - 1) / job.n_chunks;
+    job.n_chunks = (n + job.chunk - 1) / job.chunk;
+    job_.store(&job);
     gen_.fetch_add(1);
     if (sleeping_.load() > 0) {
       std::lock_guard<std::mutex> lk(mu_);
       cv_.notify_all();
     }
-    run_part(0);
-    while (pending_.load(std::memory_order_acquire) != 0) WF_PAUSE();
-    if (error_) std::rethrow_exception(error_);
+    job.work();
+    while (job.done.load(std::memory_order_acquire) < job.n_chunks) WF_PAUSE();
+    // Workers that looked the job up may still be inside Job::work(); wait for them to leave
+    // before `job` goes out of scope. (seq_cst: a worker either sees nullptr or is counted.)
+    job_.store(nullptr);
+    while (active_.load() != 0) WF_PAUSE();
+    if (job.error) std::rethrow_exception(job.error);
   }
 
  private:
-  void run_part(int t) {
-    if (t >= job_threads_) return;
-    const int64_t b = job_n_ * t / job_threads_, e = job_n_ * (t + 1) / job_threads_;
-    try {
-      if (b < e) (*job_)(b, e);
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(err_mu_);
-      if (!error_) error_ = std::current_exception();
-    }
-  }
-
-  void work(int t) {
+  void work() {
     uint64_t seen = 0;  // the generation at construction: a job may be posted before we get here
     for (;;) {
       const auto deadline = std::chrono::steady_clock::now() + kSpin;
@@ -99,22 +120,20 @@ class Pool {
       }
       seen = gen_.load();
       if (stop_) return;
-      run_part(t);
-      pending_.fetch_sub(1, std::memory_order_release);
+      active_.fetch_add(1);
+      if (Job* job = job_.load()) job->work();
+      active_.fetch_sub(1);
     }
   }
 
   const int n_;
   std::vector<std::thread> workers_;
-  std::mutex mu_, err_mu_;
+  std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int> sleeping_{0}, pending_{0};
+  std::atomic<int> sleeping_{0}, active_{0};
   std::atomic<bool> stop_{false};
-  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
-  int64_t job_n_ = 0;
-  int job_threads_ = 0;
-  std::exception_ptr error_;
+  std::atomic<Job*> job_{nullptr};
 };
 
 std::mutex g_mu;      // guards g_pool and g_threads; one parallel job at a time

@@ -1,7 +1,7 @@
 // A small persistent thread pool for the CPU kernels. Workers spin briefly after each job (so
 // back-to-back kernels, as in decoding, do not pay a wake-up) and then sleep on a condition
-// variable. Work is split statically: thread t of T gets [t*n/T, (t+1)*n/T), so results never
-// depend on timing.
+// variable. A job is cut into a few contiguous chunks per thread, claimed dynamically; kernels
+// write disjoint outputs per chunk, so results never depend on which thread ran what.
 #pragma once
 
 #include <cstdint>
@@ -14,8 +14,8 @@ namespace wf {
 int num_threads();
 void set_num_threads(int n);
 
-// Runs fn(begin, end) over [0, n) split into contiguous ranges, one per thread (fewer when n is
-// small); returns when all are done. Exceptions in fn are rethrown in the caller.
+// Runs fn(begin, end) over [0, n) split into contiguous ranges; returns when all are done.
+// Exceptions in fn are rethrown in the caller. Not reentrant: fn must not call parallel_for.
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
 
 // Same, but runs inline when the work (in elements touched) is too small to be worth threads.
