@@ -135,7 +135,8 @@ int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
   return sum;
 }
 
-// R activation rows x C weight rows. Registers: R*C accumulators, C packed, C codes, 1 activation.
+// R activation rows x C weight rows. Per sub-block: R activation loads, C unpacks (shift, mask),
+// R*C vpdpbusd; registers: R*C accumulators, C packed, R activations, 1 code vector.
 template <int R, int C>
 void gemm_tile(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_bytes, int32_t* dots) {
   __m512i acc[R][C];
@@ -143,32 +144,27 @@ void gemm_tile(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_byte
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
   const __m512i mask3 = _mm512_set1_epi8(3);
   const int64_t pairs = K / 256;
+  auto step = [&](const __m512i* raw, int64_t act_off, int s, bool half) {
+    __m512i a[R];
+    for (int r = 0; r < R; ++r)
+      a[r] = half ? _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(acts + r * K + act_off)))
+                  : _mm512_loadu_si512(acts + r * K + act_off);
+    for (int c = 0; c < C; ++c) {
+      const __m512i u = _mm512_and_si512(_mm512_srli_epi16(raw[c], 6 - 2 * s), mask3);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], u, a[r]);
+    }
+  };
   for (int64_t p = 0; p < pairs; ++p) {
     __m512i raw[C];
     for (int c = 0; c < C; ++c) raw[c] = _mm512_loadu_si512(W + c * row_bytes + p * 64);
 #pragma GCC unroll 4
-    for (int s = 0; s < 4; ++s) {
-      __m512i u[C];
-      for (int c = 0; c < C; ++c) u[c] = _mm512_and_si512(_mm512_srli_epi16(raw[c], 6 - 2 * s), mask3);
-      for (int r = 0; r < R; ++r) {
-        const __m512i a = _mm512_loadu_si512(acts + r * K + p * 256 + 64 * s);
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], u[c], a);
-      }
-    }
+    for (int s = 0; s < 4; ++s) step(raw, p * 256 + 64 * s, s, false);
   }
   if (K % 256) {  // odd last block: 32 bytes of codes, activations in natural order
     __m512i raw[C];
     for (int c = 0; c < C; ++c)
       raw[c] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(W + c * row_bytes + pairs * 64)));
-    for (int s = 0; s < 4; ++s) {
-      __m512i u[C];
-      for (int c = 0; c < C; ++c) u[c] = _mm512_and_si512(_mm512_srli_epi16(raw[c], 6 - 2 * s), mask3);
-      for (int r = 0; r < R; ++r) {
-        const __m512i a =
-            _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(acts + r * K + pairs * 256 + 32 * s)));
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], u[c], a);
-      }
-    }
+    for (int s = 0; s < 4; ++s) step(raw, pairs * 256 + 32 * s, s, true);
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) dots[r * C + c] = _mm512_reduce_add_epi32(acc[r][c]);
@@ -225,7 +221,7 @@ constexpr auto tile_row(std::integer_sequence<int, Cs...>) {
   return std::array<TileFn, sizeof...(Cs)>{&gemm_tile<R, Cs + 1>...};
 }
 
-constexpr int kMaxR = 4, kMaxC = 8;
+constexpr int kMaxR = 4, kMaxC = 4;
 const std::array<std::array<TileFn, kMaxC>, kMaxR> kTiles = {
     tile_row<1>(std::make_integer_sequence<int, kMaxC>{}), tile_row<2>(std::make_integer_sequence<int, kMaxC>{}),
     tile_row<3>(std::make_integer_sequence<int, kMaxC>{}), tile_row<4>(std::make_integer_sequence<int, kMaxC>{})};
@@ -233,22 +229,20 @@ const std::array<std::array<TileFn, kMaxC>, kMaxR> kTiles = {
 void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
               const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
   const int64_t row_bytes = K / 4;
-  // A single activation row (decode) is weight-bandwidth bound: use wide weight tiles. Several
-  // rows are compute bound: 4 x 4 tiles reuse each unpacked code vector four times.
-  int32_t dots[kMaxR * kMaxC];
   if (N == 1) {
     // Start the stream: the first kPrefetchBytes are not covered by the in-loop prefetch.
     const int64_t head = std::min<int64_t>(kPrefetchBytes, (m1 - m0) * row_bytes);
     for (int64_t off = 0; off < head; off += 64) _mm_prefetch((const char*)(W + m0 * row_bytes + off), _MM_HINT_T2);
-    constexpr int64_t C = 1;
-    for (int64_t m = m0; m < m1; m += C) {
-      const int64_t c = std::min(C, m1 - m);
-      if (c == C) gemv_tile<C>(acts, K, W + m * row_bytes, row_bytes, dots);
-      else kTiles[0][c - 1](acts, K, W + m * row_bytes, row_bytes, dots);
-      for (int64_t j = 0; j < c; ++j) out[m + j] = float(dots[j] - rowsum[0]) / x_scale[0] * w_scale;
+    int32_t dot;
+    for (int64_t m = m0; m < m1; ++m) {
+      gemv_tile<1>(acts, K, W + m * row_bytes, row_bytes, &dot);
+      out[m] = float(dot - rowsum[0]) / x_scale[0] * w_scale;
     }
     return;
   }
+  int32_t dots[kMaxR * kMaxC];
+  // Several activation rows are compute bound. 4 x 4 tiles: each unpacked code vector serves 4
+  // activation rows (the best of the R x C shapes from 2 x 8 to 8 x 2 measured here).
   const int64_t R = 4, C = 4;
   for (int64_t m = m0; m < m1; m += C) {
     const int64_t c = std::min(C, m1 - m);
