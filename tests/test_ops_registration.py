@@ -112,3 +112,28 @@ def test_import_does_not_touch_cuda():
     result = _run("import wrinklefree, torch; print(torch.cuda.is_initialized())")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_eager_fast_path_equals_dispatcher_path():
+    # the public functions skip the dispatcher for plain CPU tensors; torch.ops goes through it
+    x = torch.randn(5, 384)
+    codes, scale = ops.ternary_quant(torch.randn(65, 384) * 0.02)
+    packed = ops.pack(codes, scale, "i2_s")
+    lib = torch.ops.wrinklefree
+    assert torch.equal(ops.bitlinear_infer(x, packed, 65), lib.bitlinear_infer(x, packed, 65))
+    q, s = ops.rmsnorm_act_quant(x, torch.ones(384), 1e-5)
+    q2, s2 = lib.rmsnorm_act_quant(x, torch.ones(384), 1e-5)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    assert torch.equal(ops.i2s_matmul(q, s, packed, 65), lib.i2s_matmul(q, s, packed, 65))
+
+
+def test_public_functions_respect_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(7, 256)
+        q, s = ops.act_quant_int8(x)
+        packed = torch.empty(ops.FORMATS["i2_s"].nbytes(33, 256), dtype=torch.uint8)
+        out = ops.bitlinear_infer(x, packed, 33)
+    assert q.shape == (7, 256) and q.dtype == torch.int8 and s.shape == (7,)
+    assert out.shape == (7, 33) and out.dtype == torch.float32

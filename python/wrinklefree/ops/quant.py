@@ -20,6 +20,7 @@ from wrinklefree.ops._backend import (
     check_tensor,
     cuda_core,
     dtype_code,
+    eager_cpu,
     use_native,
 )
 
@@ -61,6 +62,8 @@ def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
         codes: int8 [M, K] in {-1, 0, 1}.
         scale: float32 0-dim tensor, ``max(mean|w|, 1e-5)``; ``codes * scale`` dequantizes.
     """
+    if eager_cpu(w):
+        return _ternary_quant_cpu(w)
     _check_ternary_quant(w)  # before the dispatcher, which rejects non-tensors less clearly
     return _ternary_quant(w)
 
@@ -121,6 +124,8 @@ def act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
         q: int8 [N, K], ``clamp(round(x * scale), -128, 127)``.
         scale: float32 [N], ``127 / max(max|x|, 1e-5)``; ``q / scale`` dequantizes.
     """
+    if eager_cpu(x):
+        return _act_quant_int8_cpu(x)
     _check_act_quant(x)
     return _act_quant_int8(x)
 
@@ -177,5 +182,7 @@ def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Ten
     Returns:
         ``(q int8 [N, K], scale float32 [N])`` as :func:`act_quant_int8`.
     """
+    if eager_cpu(x, weight):
+        return _rmsnorm_act_quant_cpu(x, weight, float(eps))
     _check_rmsnorm_act_quant(x, weight, eps)
     return _rmsnorm_act_quant(x, weight, float(eps))
