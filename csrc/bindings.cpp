@@ -105,4 +105,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &wf::num_threads);
   m.def("set_num_threads", &wf::set_num_threads);
   m.def("read_bandwidth", &wf::read_bandwidth, py::arg("nbytes"), py::arg("reps"), release());
+  m.def("int8_mac_rate", &wf::int8_mac_rate, py::arg("seconds"), release());
 }

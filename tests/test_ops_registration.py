@@ -137,3 +137,13 @@ def test_public_functions_respect_fake_tensor_mode():
         out = ops.bitlinear_infer(x, packed, 33)
     assert q.shape == (7, 256) and q.dtype == torch.int8 and s.shape == (7,)
     assert out.shape == (7, 33) and out.dtype == torch.float32
+
+
+def test_machine_probes(isa):
+    # the ceilings the benchmark reports beside its timings
+    assert ops.read_bandwidth(1 << 22, 2) > 1e8  # bytes/s
+    assert ops.int8_mac_rate(0.01) > 1e8  # multiply-adds/s
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        ops.read_bandwidth(1 << 20, 0)
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        ops.int8_mac_rate(0.0)

@@ -34,6 +34,10 @@ struct Kernels {
   // Reads n bytes (n % 256 == 0) and returns a value that depends on all of them; for measuring
   // read bandwidth.
   uint64_t (*read_bytes)(const uint8_t* p, int64_t n);
+
+  // Runs `iters` rounds of independent int8 multiply-add instructions (the ones the I2_S matmul
+  // uses) from registers and returns the number of multiply-adds done; for measuring the peak.
+  int64_t (*int8_macs)(int64_t iters);
 };
 
 namespace scalar { const Kernels& kernels(); }

@@ -99,11 +99,25 @@ uint64_t read_bytes(const uint8_t* p, int64_t n) {
   return acc[0] ^ acc[1] ^ acc[2] ^ acc[3];
 }
 
+int64_t int8_macs(int64_t iters) {
+  int32_t acc[4] = {0, 1, 2, 3}, u[4] = {1, 2, 0, 1};
+  const int32_t a = 2;
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < 4; ++i) {
+      __asm__ volatile("" : "+r"(u[i]));
+      acc[i] += u[i] * a;
+    }
+  }
+  volatile int32_t sink = acc[0] + acc[1] + acc[2] + acc[3];
+  (void)sink;
+  return iters * 4;
+}
+
 }  // namespace
 
 const Kernels& kernels() {
   static const Kernels k{"scalar",         lane_sum, ternary_round, act_quant_row, norm_quant_row,
-                         i2s_prepare_row, i2s_gemm, read_bytes};
+                         i2s_prepare_row, i2s_gemm, read_bytes,    int8_macs};
   return k;
 }
 

@@ -1,6 +1,7 @@
 #include "cpu/ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -96,7 +97,7 @@ void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, con
   float w_scale;
   std::memcpy(&w_scale, packed + M * K / 4, 4);
 
-  auto acts = aligned_buffer<int8_t>(N * K);
+  auto acts = aligned_buffer<int8_t>(N * K + 64);  // kernels may read 64 bytes past the last row
   auto rowsum = aligned_buffer<int32_t>(N);
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) rowsum[n] = k.i2s_prepare_row(q + n * K, K, acts.get() + n * K);
@@ -116,6 +117,25 @@ void bitlinear_infer(const void* x, DType dt, int64_t N, int64_t K, const uint8_
   auto scale = aligned_buffer<float>(N);
   act_quant_int8(x, dt, N, K, q.get(), scale.get());
   i2s_matmul(q.get(), scale.get(), N, K, packed, packed_nbytes, M, out);
+}
+
+double int8_mac_rate(double seconds) {
+  if (!(seconds > 0.0)) fail("seconds must be > 0");
+  const Kernels& k = active_kernels();
+  const int T = num_threads();
+  constexpr int64_t kIters = 1 << 16;
+  double best = 0.0;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < until) {
+    std::atomic<int64_t> macs{0};
+    const auto start = std::chrono::steady_clock::now();
+    parallel_for(T, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) macs += k.int8_macs(kIters);
+    });
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, double(macs.load()) / sec);
+  }
+  return best;
 }
 
 double read_bandwidth(int64_t nbytes, int reps) {

@@ -27,6 +27,9 @@ void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, con
 void bitlinear_infer(const void* x, DType dt, int64_t N, int64_t K, const uint8_t* packed, int64_t packed_nbytes,
                      int64_t M, float* out);
 
+// Peak int8 multiply-adds per second of the active ISA's matmul instruction on all kernel threads.
+double int8_mac_rate(double seconds);
+
 // Read bandwidth in bytes/s of `threads` threads streaming a buffer of `nbytes`, best of `reps`.
 double read_bandwidth(int64_t nbytes, int reps);
 

@@ -23,6 +23,7 @@ from wrinklefree.ops._backend import get_backend, set_backend
 from wrinklefree.ops.cpu import (
     get_isa,
     get_num_threads,
+    int8_mac_rate,
     read_bandwidth,
     set_isa,
     set_num_threads,
@@ -42,6 +43,7 @@ __all__ = [
     "get_isa",
     "get_num_threads",
     "i2s_matmul",
+    "int8_mac_rate",
     "pack",
     "read_bandwidth",
     "rmsnorm_act_quant",

@@ -39,3 +39,11 @@ def read_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
     A read-only pass (no writes), the bound for memory-bound kernels such as decode matmuls.
     """
     return float(_C.read_bandwidth(int(nbytes), int(reps)))
+
+
+def int8_mac_rate(seconds: float = 0.2) -> float:
+    """Peak int8 multiply-adds/s of the active ISA's matmul instruction (AVX-512 vpdpbusd, AVX2
+    vpmaddubsw, scalar) on all kernel threads, run from registers for about ``seconds``: the
+    compute ceiling of the I2_S prefill matmul.
+    """
+    return float(_C.int8_mac_rate(float(seconds)))
