@@ -40,6 +40,37 @@ struct Kernels {
   int64_t (*int8_macs)(int64_t iters);
 };
 
+// Helpers shared by the per-ISA files. Each of those files is compiled with its own target flags,
+// so these must not be shared symbols (the linker could hand the AVX-512 copy to the scalar
+// path): the anonymous namespace gives every translation unit its own copy.
+namespace {
+
+// The float step of the I2_S matmul, in this order in every backend: float(D - S) / x_scale * w_scale.
+inline float i2s_rescale(int32_t dot, int32_t rowsum, float x_scale, float w_scale) {
+  return float(dot - rowsum) / x_scale * w_scale;
+}
+
+// Covers activation rows [0, N) x weight rows [m0, m1) with tiles of at most R x C: calls
+// tile(n, m, r, c, dots), which fills dots[i * c + j] for the r x c tile at (n, m), then writes
+// the rescaled results to out[(n + i) * ldo + m + j].
+template <typename Tile>
+void for_each_tile(int64_t N, int64_t m0, int64_t m1, int64_t R, int64_t C, const int32_t* rowsum,
+                   const float* x_scale, float w_scale, float* out, int64_t ldo, Tile&& tile) {
+  alignas(64) int32_t dots[64];
+  for (int64_t m = m0; m < m1; m += C) {
+    const int64_t c = m1 - m < C ? m1 - m : C;
+    for (int64_t n = 0; n < N; n += R) {
+      const int64_t r = N - n < R ? N - n : R;
+      tile(n, m, r, c, dots);
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = 0; j < c; ++j)
+          out[(n + i) * ldo + m + j] = i2s_rescale(dots[i * c + j], rowsum[n + i], x_scale[n + i], w_scale);
+    }
+  }
+}
+
+}  // namespace
+
 namespace scalar { const Kernels& kernels(); }
 namespace avx2 { const Kernels& kernels(); }
 namespace avx512 { const Kernels& kernels(); }

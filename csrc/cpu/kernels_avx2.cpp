@@ -193,17 +193,10 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
               const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
   const int64_t row_bytes = K / 4;
   const int64_t R = N == 1 ? 1 : 2, C = N == 1 ? 4 : 2;
-  int32_t dots[kMaxR * kMaxC];
-  for (int64_t m = m0; m < m1; m += C) {
-    const int64_t c = std::min(C, m1 - m);
-    for (int64_t n = 0; n < N; n += R) {
-      const int64_t r = std::min(R, N - n);
-      kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
-      for (int64_t i = 0; i < r; ++i)
-        for (int64_t j = 0; j < c; ++j)
-          out[(n + i) * ldo + m + j] = float(dots[i * c + j] - rowsum[n + i]) / x_scale[n + i] * w_scale;
-    }
-  }
+  for_each_tile(N, m0, m1, R, C, rowsum, x_scale, w_scale, out, ldo,
+                [&](int64_t n, int64_t m, int64_t r, int64_t c, int32_t* dots) {
+                  kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
+                });
 }
 
 uint64_t read_bytes(const uint8_t* p, int64_t n) {

@@ -252,24 +252,16 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
     int32_t dot;
     for (int64_t m = m0; m < m1; ++m) {
       gemv_tile<1>(acts, K, W + m * row_bytes, row_bytes, &dot);
-      out[m] = float(dot - rowsum[0]) / x_scale[0] * w_scale;
+      out[m] = i2s_rescale(dot, rowsum[0], x_scale[0], w_scale);
     }
     return;
   }
-  alignas(64) int32_t dots[16];
   // Several activation rows are compute bound. 4 x 4 tiles: each unpacked code vector serves 4
   // activation rows (the best of the R x C shapes from 2 x 8 to 8 x 2 measured here).
-  const int64_t R = 4, C = 4;
-  for (int64_t m = m0; m < m1; m += C) {
-    const int64_t c = std::min(C, m1 - m);
-    for (int64_t n = 0; n < N; n += R) {
-      const int64_t r = std::min(R, N - n);
-      kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
-      for (int64_t i = 0; i < r; ++i)
-        for (int64_t j = 0; j < c; ++j)
-          out[(n + i) * ldo + m + j] = float(dots[i * c + j] - rowsum[n + i]) / x_scale[n + i] * w_scale;
-    }
-  }
+  for_each_tile(N, m0, m1, 4, 4, rowsum, x_scale, w_scale, out, ldo,
+                [&](int64_t n, int64_t m, int64_t r, int64_t c, int32_t* dots) {
+                  kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
+                });
 }
 
 uint64_t read_bytes(const uint8_t* p, int64_t n) {

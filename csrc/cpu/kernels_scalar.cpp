@@ -82,7 +82,7 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
                  int32_t((byte >> 2) & 3) * ab[64 + b] + int32_t(byte & 3) * ab[96 + b];
         }
       }
-      out[n * ldo + m] = float(dot - rowsum[n]) / x_scale[n] * w_scale;
+      out[n * ldo + m] = i2s_rescale(dot, rowsum[n], x_scale[n], w_scale);
     }
   }
 }
