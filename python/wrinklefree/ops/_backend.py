@@ -100,7 +100,7 @@ def eager_cpu(*tensors: object) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     for t in tensors:
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad:
+        if type(t) is not torch.Tensor or not t.is_cpu or t.requires_grad:
             return False
     return not torch.overrides.has_torch_function(tensors)
 
@@ -143,7 +143,8 @@ def check_tensor(
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+    values = iter(tensors.values())
+    device = next(values).device
+    if any(t.device != device for t in values):  # cheap on the common path: no allocation
+        listed = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
         raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
