@@ -51,8 +51,9 @@ inline float i2s_rescale(int32_t dot, int32_t rowsum, float x_scale, float w_sca
 }
 
 // Covers activation rows [0, N) x weight rows [m0, m1) with tiles of at most R x C: calls
-// tile(n, m, r, c, dots), which fills dots[i * c + j] for the r x c tile at (n, m), then writes
-// the rescaled results to out[(n + i) * ldo + m + j].
+// tile(n, m, r, c, dots) for the r x c tile at (n, m). A tile either writes its results to out
+// itself and returns true, or fills dots[i * c + j] and returns false, and then this writes the
+// rescaled results to out[(n + i) * ldo + m + j].
 template <typename Tile>
 void for_each_tile(int64_t N, int64_t m0, int64_t m1, int64_t R, int64_t C, const int32_t* rowsum,
                    const float* x_scale, float w_scale, float* out, int64_t ldo, Tile&& tile) {
@@ -61,7 +62,7 @@ void for_each_tile(int64_t N, int64_t m0, int64_t m1, int64_t R, int64_t C, cons
     const int64_t c = m1 - m < C ? m1 - m : C;
     for (int64_t n = 0; n < N; n += R) {
       const int64_t r = N - n < R ? N - n : R;
-      tile(n, m, r, c, dots);
+      if (tile(n, m, r, c, dots)) continue;
       for (int64_t i = 0; i < r; ++i)
         for (int64_t j = 0; j < c; ++j)
           out[(n + i) * ldo + m + j] = i2s_rescale(dots[i * c + j], rowsum[n + i], x_scale[n + i], w_scale);

@@ -196,6 +196,7 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
   for_each_tile(N, m0, m1, R, C, rowsum, x_scale, w_scale, out, ldo,
                 [&](int64_t n, int64_t m, int64_t r, int64_t c, int32_t* dots) {
                   kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
+                  return false;
                 });
 }
 

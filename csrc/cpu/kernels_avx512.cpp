@@ -216,36 +216,27 @@ void gemm_tile_4x4(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_
 // saves four shifts per 64 weight bytes.
 constexpr int kPrefetchBytes = 8192;
 
-template <int C>
-void gemv_tile(const int8_t* act, int64_t K, const uint8_t* W, int64_t row_bytes, int32_t* dots) {
-  __m512i acc[C][4];
-  for (int c = 0; c < C; ++c)
-    for (int s = 0; s < 4; ++s) acc[c][s] = _mm512_setzero_si512();
+int32_t gemv_row(const int8_t* act, int64_t K, const uint8_t* w) {
+  __m512i acc[4];
+  for (int s = 0; s < 4; ++s) acc[s] = _mm512_setzero_si512();
   const __m512i mask[4] = {_mm512_set1_epi8(char(0xC0)), _mm512_set1_epi8(0x30), _mm512_set1_epi8(0x0C),
                            _mm512_set1_epi8(0x03)};
   const int64_t pairs = K / 256;
   for (int64_t p = 0; p < pairs; ++p) {
-    __m512i a[4];
-    for (int s = 0; s < 4; ++s) a[s] = _mm512_loadu_si512(act + p * 256 + 64 * s);
-    for (int c = 0; c < C; ++c) {
-      _mm_prefetch((const char*)(W + c * row_bytes + p * 64 + kPrefetchBytes), _MM_HINT_T2);
-      const __m512i raw = _mm512_loadu_si512(W + c * row_bytes + p * 64);
-      for (int s = 0; s < 4; ++s) acc[c][s] = _mm512_dpbusd_epi32(acc[c][s], _mm512_and_si512(raw, mask[s]), a[s]);
-    }
+    _mm_prefetch((const char*)(w + p * 64 + kPrefetchBytes), _MM_HINT_T2);
+    const __m512i raw = _mm512_loadu_si512(w + p * 64);
+    for (int s = 0; s < 4; ++s)
+      acc[s] = _mm512_dpbusd_epi32(acc[s], _mm512_and_si512(raw, mask[s]), _mm512_loadu_si512(act + p * 256 + 64 * s));
   }
   if (K % 256) {
-    for (int c = 0; c < C; ++c) {
-      const __m512i raw =
-          _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(W + c * row_bytes + pairs * 64)));
-      for (int s = 0; s < 4; ++s) {
-        const __m512i a = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(act + pairs * 256 + 32 * s)));
-        acc[c][s] = _mm512_dpbusd_epi32(acc[c][s], _mm512_and_si512(raw, mask[s]), a);
-      }
+    const __m512i raw = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(w + pairs * 64)));
+    for (int s = 0; s < 4; ++s) {
+      const __m512i a = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(act + pairs * 256 + 32 * s)));
+      acc[s] = _mm512_dpbusd_epi32(acc[s], _mm512_and_si512(raw, mask[s]), a);
     }
   }
-  for (int c = 0; c < C; ++c)
-    dots[c] = (_mm512_reduce_add_epi32(acc[c][0]) >> 6) + (_mm512_reduce_add_epi32(acc[c][1]) >> 4) +
-              (_mm512_reduce_add_epi32(acc[c][2]) >> 2) + _mm512_reduce_add_epi32(acc[c][3]);
+  return (_mm512_reduce_add_epi32(acc[0]) >> 6) + (_mm512_reduce_add_epi32(acc[1]) >> 4) +
+         (_mm512_reduce_add_epi32(acc[2]) >> 2) + _mm512_reduce_add_epi32(acc[3]);
 }
 
 using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*);
@@ -267,28 +258,23 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
     // Start the stream: the first kPrefetchBytes are not covered by the in-loop prefetch.
     const int64_t head = std::min<int64_t>(kPrefetchBytes, (m1 - m0) * row_bytes);
     for (int64_t off = 0; off < head; off += 64) _mm_prefetch((const char*)(W + m0 * row_bytes + off), _MM_HINT_T2);
-    int32_t dot;
-    for (int64_t m = m0; m < m1; ++m) {
-      gemv_tile<1>(acts, K, W + m * row_bytes, row_bytes, &dot);
-      out[m] = i2s_rescale(dot, rowsum[0], x_scale[0], w_scale);
-    }
+    for (int64_t m = m0; m < m1; ++m)
+      out[m] = i2s_rescale(gemv_row(acts, K, W + m * row_bytes), rowsum[0], x_scale[0], w_scale);
     return;
   }
   // Several activation rows are compute bound. 4 x 4 tiles: each unpacked code vector serves 4
-  // activation rows (the best of the R x C shapes from 2 x 8 to 8 x 2 measured here).
-  const int64_t full_n = N / 4 * 4, full_m = m0 + (m1 - m0) / 4 * 4;
-  for (int64_t m = m0; m < full_m; m += 4)
-    for (int64_t n = 0; n < full_n; n += 4)
-      gemm_tile_4x4(acts + n * K, K, W + m * row_bytes, row_bytes, rowsum + n, x_scale + n, w_scale,
-                    out + n * ldo + m, ldo);
-  auto tile = [&](int64_t n, int64_t m, int64_t r, int64_t c, int32_t* dots) {
-    kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
-  };
-  // The edges: the last rows of activations (N % 4), then the last weight rows (M % 4).
-  if (full_n < N)
-    for_each_tile(N - full_n, m0, full_m, 4, 4, rowsum + full_n, x_scale + full_n, w_scale, out + full_n * ldo, ldo,
-                  [&](int64_t n, int64_t m, int64_t r, int64_t c, int32_t* d) { tile(n + full_n, m, r, c, d); });
-  if (full_m < m1) for_each_tile(N, full_m, m1, 4, 4, rowsum, x_scale, w_scale, out, ldo, tile);
+  // activation rows (the best of the R x C shapes from 2 x 8 to 8 x 2 measured here). Full tiles
+  // finish on one vector; the edges (N % 4, M % 4) take the narrower tiles and the scalar step.
+  for_each_tile(N, m0, m1, 4, 4, rowsum, x_scale, w_scale, out, ldo,
+                [&](int64_t n, int64_t m, int64_t r, int64_t c, int32_t* dots) {
+                  if (r == 4 && c == 4) {
+                    gemm_tile_4x4(acts + n * K, K, W + m * row_bytes, row_bytes, rowsum + n, x_scale + n, w_scale,
+                                  out + n * ldo + m, ldo);
+                    return true;
+                  }
+                  kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
+                  return false;
+                });
 }
 
 uint64_t read_bytes(const uint8_t* p, int64_t n) {

@@ -14,8 +14,9 @@ import functools
 import importlib
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -103,6 +104,17 @@ def eager_cpu(*tensors: object) -> bool:
         if type(t) is not torch.Tensor or not t.is_cpu or t.requires_grad:
             return False
     return not torch.overrides.has_torch_function(tensors)
+
+
+def call_op(op: Callable, cpu_kernel: Callable, check: Callable, args: tuple, n_tensors: int) -> Any:
+    """Run a public op: ``cpu_kernel(*args)`` directly when :func:`eager_cpu` holds for the first
+    ``n_tensors`` args (the kernel checks its arguments itself), else ``check(*args)`` (clearer
+    errors than the dispatcher's for non-tensors) and the custom op through the dispatcher.
+    """
+    if eager_cpu(*args[:n_tensors]):
+        return cpu_kernel(*args)
+    check(*args)
+    return op(*args)
 
 
 # ---- argument checks shared by the ops --------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from wrinklefree import _C
 from wrinklefree.ops import reference
-from wrinklefree.ops._backend import check_same_device, check_tensor, dtype_code, eager_cpu, use_native
+from wrinklefree.ops._backend import call_op, check_same_device, check_tensor, dtype_code, use_native
 from wrinklefree.ops.packing import FORMATS
 
 
@@ -83,10 +83,7 @@ def i2s_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) ->
     Returns:
         float32 [N, M].
     """
-    if eager_cpu(q, x_scale, packed):
-        return _i2s_matmul_cpu(q, x_scale, packed, out_features)
-    _check_i2s_matmul(q, x_scale, packed, out_features)  # clearer than the dispatcher's errors
-    return _i2s_matmul(q, x_scale, packed, int(out_features))
+    return call_op(_i2s_matmul, _i2s_matmul_cpu, _check_i2s_matmul, (q, x_scale, packed, out_features), 3)
 
 
 # ---- bitlinear_infer --------------------------------------------------------------------------
@@ -135,7 +132,4 @@ def bitlinear_infer(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     Returns:
         float32 [N, M].
     """
-    if eager_cpu(x, packed):
-        return _bitlinear_infer_cpu(x, packed, out_features)
-    _check_bitlinear_infer(x, packed, out_features)
-    return _bitlinear_infer(x, packed, int(out_features))
+    return call_op(_bitlinear_infer, _bitlinear_infer_cpu, _check_bitlinear_infer, (x, packed, out_features), 2)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from wrinklefree import _C
 from wrinklefree.ops import reference
-from wrinklefree.ops._backend import check_same_device, check_tensor, eager_cpu, use_native
+from wrinklefree.ops._backend import call_op, check_same_device, check_tensor, use_native
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,7 @@ def pack(codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
         uint8 1-D tensor: exactly ``M*K/4 + 32`` bytes for i2_s (codes, float32 scale, 28 zero
         bytes), ``M*K/256`` blocks of 66 (tq2_0) or 54 (tq1_0) bytes.
     """
-    if eager_cpu(codes, scale):
-        return _pack_cpu(codes, scale, fmt)
-    _check_pack(codes, scale, fmt)  # before the dispatcher, which rejects non-tensors less clearly
-    return _pack(codes, scale, fmt)
+    return call_op(_pack, _pack_cpu, _check_pack, (codes, scale, fmt), 2)
 
 
 # ---- unpack -----------------------------------------------------------------------------------
@@ -125,9 +122,9 @@ def _check_unpack(buf: Tensor, shape: list[int], fmt: str) -> tuple[PackedFormat
     op = "unpack"
     f = get_format(fmt, op)
     check_tensor(op, "buf", buf, dtypes=(torch.uint8,), ndim=1)
-    if len(shape) != 2:
-        raise ValueError(f"{op}: shape must be [M, K], got {list(shape)}")
-    rows, cols = int(shape[0]), int(shape[1])
+    if len(shape) != 2 or not all(isinstance(s, int) for s in shape):
+        raise ValueError(f"{op}: shape must be [M, K] of ints, got {list(shape)}")
+    rows, cols = shape
     _check_shape(op, f, rows, cols)
     need = f.nbytes(rows, cols)
     if buf.numel() != need:
@@ -176,7 +173,4 @@ def unpack(buf: Tensor, shape: tuple[int, int] | list[int], fmt: str) -> tuple[T
         codes: int8 [M, K] in {-1, 0, 1}.
         scale: float32; 0-dim (the tensor scale) for i2_s, [M, K // 256] for tq2_0/tq1_0.
     """
-    if eager_cpu(buf):
-        return _unpack_cpu(buf, [int(s) for s in shape], fmt)
-    _check_unpack(buf, list(shape), fmt)
-    return _unpack(buf, [int(s) for s in shape], fmt)
+    return call_op(_unpack, _unpack_cpu, _check_unpack, (buf, list(shape), fmt), 1)

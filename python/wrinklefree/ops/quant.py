@@ -16,11 +16,11 @@ from wrinklefree import _C
 from wrinklefree.ops import reference
 from wrinklefree.ops._backend import (
     FLOAT_DTYPES,
+    call_op,
     check_same_device,
     check_tensor,
     cuda_core,
     dtype_code,
-    eager_cpu,
     use_native,
 )
 
@@ -62,10 +62,7 @@ def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
         codes: int8 [M, K] in {-1, 0, 1}.
         scale: float32 0-dim tensor, ``max(mean|w|, 1e-5)``; ``codes * scale`` dequantizes.
     """
-    if eager_cpu(w):
-        return _ternary_quant_cpu(w)
-    _check_ternary_quant(w)  # before the dispatcher, which rejects non-tensors less clearly
-    return _ternary_quant(w)
+    return call_op(_ternary_quant, _ternary_quant_cpu, _check_ternary_quant, (w,), 1)
 
 
 # ---- act_quant_int8 ---------------------------------------------------------------------------
@@ -124,10 +121,7 @@ def act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
         q: int8 [N, K], ``clamp(round(x * scale), -128, 127)``.
         scale: float32 [N], ``127 / max(max|x|, 1e-5)``; ``q / scale`` dequantizes.
     """
-    if eager_cpu(x):
-        return _act_quant_int8_cpu(x)
-    _check_act_quant(x)
-    return _act_quant_int8(x)
+    return call_op(_act_quant_int8, _act_quant_int8_cpu, _check_act_quant, (x,), 1)
 
 
 # ---- rmsnorm_act_quant ------------------------------------------------------------------------
@@ -182,7 +176,5 @@ def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Ten
     Returns:
         ``(q int8 [N, K], scale float32 [N])`` as :func:`act_quant_int8`.
     """
-    if eager_cpu(x, weight):
-        return _rmsnorm_act_quant_cpu(x, weight, float(eps))
-    _check_rmsnorm_act_quant(x, weight, eps)
-    return _rmsnorm_act_quant(x, weight, float(eps))
+    args = (x, weight, float(eps))
+    return call_op(_rmsnorm_act_quant, _rmsnorm_act_quant_cpu, _check_rmsnorm_act_quant, args, 2)
