@@ -459,7 +459,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
                 100 * QUANT_BW_SHARE,
                 "% of read BW",
                 judged,
-                "n/a (< 1 MiB per call: call-overhead bound)",
+                "" if judged else "n/a (< 1 MiB per call: call-overhead bound)",
             )
     return targets
 

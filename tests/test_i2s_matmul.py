@@ -17,7 +17,7 @@ def int8_acts(n, k):
     return ops.act_quant_int8(x)
 
 
-@pytest.mark.parametrize("n", [1, 3, 17, 128])
+@pytest.mark.parametrize("n", [1, 3, 17, 45, 128])
 @pytest.mark.parametrize("m", [1, 7, 33, 65])
 @pytest.mark.parametrize("k", [128, 384, 640, 2560])
 def test_i2s_matmul_matches_reference(isa, n, m, k):
@@ -39,12 +39,15 @@ def test_i2s_matmul_extreme_activations(isa):
     assert torch.equal(out, reference.i2s_matmul(q, torch.ones(2), packed, m))
     for row in range(2):  # one row takes the decode (GEMV) path, which accumulates differently
         assert torch.equal(ops.i2s_matmul(q[row : row + 1], torch.ones(1), packed, m), out[row : row + 1])
+    # and many rows the prefill path, which unpacks the weights first
+    assert torch.equal(ops.i2s_matmul(q.repeat(20, 1), torch.ones(40), packed, m), out.repeat(20, 1))
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-def test_i2s_matmul_independent_of_threads(threads, n_threads):
+@pytest.mark.parametrize("n", [9, 40])
+def test_i2s_matmul_independent_of_threads(threads, n_threads, n):
     _, packed = packed_weight(91, 1152)
-    q, x_scale = int8_acts(9, 1152)
+    q, x_scale = int8_acts(n, 1152)
     expected = reference.i2s_matmul(q, x_scale, packed, 91)
     ops.set_num_threads(n_threads)
     assert torch.equal(ops.i2s_matmul(q, x_scale, packed, 91), expected)

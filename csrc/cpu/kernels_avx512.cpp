@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
 #include <utility>
 
 #include "cpu/kernels.h"
@@ -239,6 +242,135 @@ int32_t gemv_row(const int8_t* act, int64_t K, const uint8_t* w) {
          (_mm512_reduce_add_epi32(acc[2]) >> 2) + _mm512_reduce_add_epi32(acc[3]);
 }
 
+// Many activation rows (prefill): a band of 32 weight rows is first unpacked into a scratch
+// buffer where each 64-byte vector holds, for 16 weight rows, 4 consecutive codes each (one dword
+// per row). vpdpbusd of that vector with one activation dword broadcast to all lanes adds 4
+// multiply-adds to each of 16 output sums, so the accumulators end as finished dot products: no
+// horizontal reduction, and no unpacking in the inner loop. The band is unpacked once and serves
+// all N activation rows, which pays from about 32 rows (measured); fewer rows take the 4 x 4
+// tiles of gemm_tile below.
+constexpr int kBand = 32;               // weight rows per band: two vectors of 16 lanes
+constexpr int kBandTileRows = 8;        // activation rows per band tile: 16 accumulators
+constexpr int64_t kBandMinRows = 32;
+
+// 16 x 16 transpose of 32-bit elements, in place.
+inline void transpose16(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    const int a = (i / 4) * 8 + i % 4;
+    t[a] = _mm512_shuffle_i32x4(v[a], v[a + 4], 0x88);
+    t[a + 4] = _mm512_shuffle_i32x4(v[a], v[a + 4], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// Unpacks weight rows [m, m + rows) (rows <= 32; missing rows read as code 0) into `buf`: for
+// activation dword g (positions 4g..4g+3 of the prepared layout), buf[128 g .. 128 g + 63] holds
+// rows 0..15 and buf[128 g + 64 ..] rows 16..31, 4 codes per row.
+void unpack_band(const uint8_t* W, int64_t row_bytes, int64_t K, int64_t rows, uint8_t* buf) {
+  const __m512i mask3 = _mm512_set1_epi8(3);
+  const int64_t pairs = K / 256;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t valid = std::clamp<int64_t>(rows - 16 * h, 0, 16);
+    const uint8_t* src = W + 16 * h * row_bytes;
+    uint8_t* dst = buf + 64 * h;
+    for (int64_t p = 0; p <= pairs; ++p) {
+      const bool odd = p == pairs;
+      if (odd && K % 256 == 0) break;
+      __m512i raw[16];
+      for (int r = 0; r < 16; ++r)
+        raw[r] = r >= valid ? _mm512_setzero_si512()
+                 : odd      ? _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(src + r * row_bytes + p * 64)))
+                            : _mm512_loadu_si512(src + r * row_bytes + p * 64);
+      const int per_sub = odd ? 8 : 16;  // activation dwords per sub-block
+      for (int s = 0; s < 4; ++s) {
+        __m512i u[16];
+        for (int r = 0; r < 16; ++r) u[r] = _mm512_and_si512(_mm512_srli_epi16(raw[r], 6 - 2 * s), mask3);
+        transpose16(u);
+        const int64_t g0 = p * 64 + s * per_sub;
+        for (int j = 0; j < per_sub; ++j) _mm512_store_si512(dst + (g0 + j) * 128, u[j]);
+      }
+    }
+  }
+}
+
+// acc += w (unsigned bytes) . the int8 dword at p broadcast to all lanes. Written as asm
+// because GCC 12, given the intrinsic, surrounds each one with register copies and spills once
+// the tile has more than a few accumulators.
+inline void dpbusd_bcast(__m512i& acc, __m512i w, const int8_t* p) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
+}
+
+// 8 (kBandTileRows) activation rows x the 32 rows of an unpacked band, over all K. Rows
+// r >= nrows repeat the last row and are not stored. The 16 accumulators are named variables:
+// GCC 12 keeps an array of them in memory here, which halves the speed.
+void band_tile(const int8_t* acts, int64_t K, int64_t nrows, const uint8_t* buf, const int32_t* rowsum,
+               const float* x_scale, float w_scale, int64_t rows, float* out, int64_t ldo) {
+  const int8_t* a[kBandTileRows];
+  for (int r = 0; r < kBandTileRows; ++r) a[r] = acts + std::min<int64_t>(r, nrows - 1) * K;
+#define WF_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define WF_DECL(r) __m512i lo##r = _mm512_setzero_si512(), hi##r = lo##r;
+  WF_ROWS(WF_DECL)
+  const int64_t groups = K / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i w0 = _mm512_load_si512(buf + g * 128), w1 = _mm512_load_si512(buf + g * 128 + 64);
+#define WF_STEP(r)                           \
+  dpbusd_bcast(lo##r, w0, a[r] + 4 * g); \
+  dpbusd_bcast(hi##r, w1, a[r] + 4 * g);
+    WF_ROWS(WF_STEP)
+  }
+  // The float step of i2s_rescale on 16 results at once: the same IEEE operations, the same bits.
+  const __m512 ws = _mm512_set1_ps(w_scale);
+  const __mmask16 m0 = tail_mask(std::clamp<int64_t>(rows, 0, 16));
+  const __mmask16 m1 = tail_mask(std::clamp<int64_t>(rows - 16, 0, 16));
+  auto finish = [&](int r, __m512i lo, __m512i hi) {
+    if (r >= nrows) return;
+    const __m512i s = _mm512_set1_epi32(rowsum[r]);
+    const __m512 xs = _mm512_set1_ps(x_scale[r]);
+    auto rescale = [&](__m512i d) {
+      return _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, s)), xs), ws);
+    };
+    _mm512_mask_storeu_ps(out + r * ldo, m0, rescale(lo));
+    _mm512_mask_storeu_ps(out + r * ldo + 16, m1, rescale(hi));
+  };
+#define WF_FINISH(r) finish(r, lo##r, hi##r);
+  WF_ROWS(WF_FINISH)
+#undef WF_FINISH
+#undef WF_STEP
+#undef WF_DECL
+#undef WF_ROWS
+}
+
+// Per-thread scratch for one unpacked band (K * 32 bytes), grown as needed.
+uint8_t* band_buffer(int64_t bytes) {
+  struct Buf {
+    uint8_t* p = nullptr;
+    int64_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf b;
+  if (b.n < bytes) {
+    std::free(b.p);
+    b.p = static_cast<uint8_t*>(std::aligned_alloc(64, size_t(bytes)));
+    if (!b.p) throw std::bad_alloc();
+    b.n = bytes;
+  }
+  return b.p;
+}
+
 using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*);
 
 template <int R, int... Cs>
@@ -262,9 +394,22 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
       out[m] = i2s_rescale(gemv_row(acts, K, W + m * row_bytes), rowsum[0], x_scale[0], w_scale);
     return;
   }
-  // Several activation rows are compute bound. 4 x 4 tiles: each unpacked code vector serves 4
-  // activation rows (the best of the R x C shapes from 2 x 8 to 8 x 2 measured here). Full tiles
-  // finish on one vector; the edges (N % 4, M % 4) take the narrower tiles and the scalar step.
+  if (N >= kBandMinRows) {
+    uint8_t* buf = band_buffer(K * 32);
+    for (int64_t m = m0; m < m1; m += kBand) {
+      const int64_t rows = std::min<int64_t>(kBand, m1 - m);
+      unpack_band(W + m * row_bytes, row_bytes, K, rows, buf);
+      for (int64_t n = 0; n < N; n += kBandTileRows) {
+        band_tile(acts + n * K, K, std::min<int64_t>(kBandTileRows, N - n), buf, rowsum + n, x_scale + n, w_scale, rows,
+                  out + n * ldo + m, ldo);
+      }
+    }
+    return;
+  }
+  // A few activation rows: 4 x 4 tiles that unpack the codes in the inner loop; each unpacked
+  // code vector serves 4 activation rows (the best of the R x C shapes from 2 x 8 to 8 x 2
+  // measured here). Full tiles finish on one vector; the edges (N % 4, M % 4) take the narrower
+  // tiles and the scalar step.
   for_each_tile(N, m0, m1, 4, 4, rowsum, x_scale, w_scale, out, ldo,
                 [&](int64_t n, int64_t m, int64_t r, int64_t c, int32_t* dots) {
                   if (r == 4 && c == 4) {

@@ -102,11 +102,12 @@ void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, con
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) rowsum[n] = k.i2s_prepare_row(q + n * K, K, acts.get() + n * K);
   });
-  // Split the weight rows across threads in units of 8 rows (a multiple of every tile width).
-  constexpr int64_t kUnit = 8;
-  const int64_t units = (M + kUnit - 1) / kUnit;
+  // Split the weight rows across threads in units of 32 rows (a multiple of every tile width);
+  // one activation row (decode) has no tiles, and finer units balance its short calls better.
+  const int64_t unit = N == 1 ? 8 : 32;
+  const int64_t units = (M + unit - 1) / unit;
   parallel_for(units, N * M * K / 4, [&](int64_t u0, int64_t u1) {
-    k.i2s_gemm(acts.get(), rowsum.get(), x_scale, N, K, packed, w_scale, u0 * kUnit, std::min(u1 * kUnit, M),
+    k.i2s_gemm(acts.get(), rowsum.get(), x_scale, N, K, packed, w_scale, u0 * unit, std::min(u1 * unit, M),
                out, M);
   });
 }

@@ -26,7 +26,6 @@ namespace wf {
 namespace {
 
 constexpr auto kSpin = std::chrono::microseconds(100);  // how long idle workers spin before sleeping
-constexpr int64_t kChunksPerThread = 4;
 
 int default_threads() {
   if (const char* env = std::getenv("WF_NUM_THREADS")) {
@@ -41,25 +40,29 @@ int default_threads() {
 // One parallel_for call. It lives on the caller's stack; workers reach it through Pool::job_.
 struct Job {
   const std::function<void(int64_t, int64_t)>* fn;
-  int64_t n, chunk, n_chunks;
+  int64_t n, threads;
   std::atomic<int64_t> next{0}, done{0};
   std::mutex err_mu;
   std::exception_ptr error;
 
-  // Claims chunks until none are left. Chunks are claimed dynamically, so a worker that wakes
+  // Claims ranges until none are left. Ranges are claimed dynamically, so a worker that wakes
   // late (a descheduled vCPU, a slow futex wake-up) never holds the caller up: the caller takes
-  // the chunks itself.
+  // the work itself. Each claim takes 1/(2 * threads) of what is left (guided scheduling): large
+  // ranges first, single items at the end, so the threads finish within one item of each other.
   void work() {
     for (;;) {
-      const int64_t c = next.fetch_add(1);
-      if (c >= n_chunks) return;
+      int64_t begin = next.load(std::memory_order_relaxed), end;
+      do {
+        if (begin >= n) return;
+        end = begin + std::max<int64_t>(1, (n - begin) / (2 * threads));
+      } while (!next.compare_exchange_weak(begin, end));
       try {
-        (*fn)(c * chunk, std::min(n, (c + 1) * chunk));
+        (*fn)(begin, end);
       } catch (...) {
         std::lock_guard<std::mutex> lk(err_mu);
         if (!error) error = std::current_exception();
       }
-      done.fetch_add(1, std::memory_order_release);
+      done.fetch_add(end - begin, std::memory_order_release);
     }
   }
 };
@@ -84,9 +87,7 @@ class Pool {
     Job job;
     job.fn = &fn;
     job.n = n;
-    job.n_chunks = std::min<int64_t>(n, n_ * kChunksPerThread);
-    job.chunk = (n + job.n_chunks - 1) / job.n_chunks;
-    job.n_chunks = (n + job.chunk - 1) / job.chunk;
+    job.threads = n_;
     job_.store(&job);
     gen_.fetch_add(1);
     if (sleeping_.load() > 0) {
@@ -94,7 +95,7 @@ class Pool {
       cv_.notify_all();
     }
     job.work();
-    while (job.done.load(std::memory_order_acquire) < job.n_chunks) WF_PAUSE();
+    while (job.done.load(std::memory_order_acquire) < n) WF_PAUSE();
     // Workers that looked the job up may still be inside Job::work(); wait for them to leave
     // before `job` goes out of scope. (seq_cst: a worker either sees nullptr or is counted.)
     job_.store(nullptr);

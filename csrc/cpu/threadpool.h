@@ -1,7 +1,7 @@
 // A small persistent thread pool for the CPU kernels. Workers spin briefly after each job (so
 // back-to-back kernels, as in decoding, do not pay a wake-up) and then sleep on a condition
-// variable. A job is cut into a few contiguous chunks per thread, claimed dynamically; kernels
-// write disjoint outputs per chunk, so results never depend on which thread ran what.
+// variable. A job is cut into contiguous ranges, claimed dynamically (guided); kernels
+// write disjoint outputs per range, so results never depend on which thread ran what.
 #pragma once
 
 #include <cstdint>
