@@ -1,0 +1,290 @@
+"""BitLinear: a drop-in nn.Linear with ternary weights and int8 activations (DESIGN.md section 2).
+
+Training: the weight stays a full-precision latent tensor; each forward fake-quantizes the weight
+(absmean, per tensor) and the input (absmax int8, per token) with the straight-through estimator,
+blended by the warm-up factor of the model's :class:`~wrinklefree.nn.QuantSchedule`. Optionally a
+SubLN (RMSNorm) first normalizes the input, and Q-Sparse keeps only the largest inputs.
+
+Inference: :meth:`BitLinear.pack` freezes the layer to I2_S codes and scale (about M*K/4 bytes)
+and the forward runs the packed matmul kernel of :mod:`wrinklefree.ops`.
+
+:class:`BitLinearLRC` adds a trainable full-precision low-rank correction ``U V^T`` on the
+unquantized input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wrinklefree import ops
+from wrinklefree.nn.qsparse import QSparse
+from wrinklefree.nn.schedule import QuantSchedule
+from wrinklefree.nn.subln import SubLN
+from wrinklefree.ops.fake_quant import act_fake_quant, ternary_fake_quant
+
+I2S_BLOCK = 128  # I2_S packs the input dim in blocks of this many values
+
+
+class BitLinear(nn.Linear):
+    """``y = Q_a(x) Q_w(W)^T + b`` with ternary ``Q_w`` and int8 ``Q_a`` (fake-quantized, STE).
+
+    Same constructor and state-dict keys as :class:`torch.nn.Linear` (``weight`` [out, in],
+    ``bias`` [out]), so a Linear's weights load unchanged; ``isinstance(layer, nn.Linear)`` holds.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as nn.Linear.
+        subln: put a SubLN (RMSNorm over ``in_features``, key ``subln.weight``) before the input
+            quantization.
+        subln_eps: the SubLN epsilon.
+        schedule: the shared warm-up schedule; None means fully quantized (``lam = 1``).
+        qsparse: a :class:`~wrinklefree.nn.QSparse` applied to the (normalized) input; None: dense.
+
+    Input [..., in_features] of any float dtype; output [..., out_features] in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        subln: bool = False,
+        subln_eps: float = 1e-5,
+        schedule: QuantSchedule | None = None,
+        qsparse: QSparse | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.subln = SubLN(in_features, subln_eps, device=device, dtype=dtype) if subln else None
+        self.schedule = schedule
+        self.qsparse = qsparse
+        self.register_buffer("packed", None)  # I2_S bytes once packed
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> BitLinear:
+        """A BitLinear sharing ``linear``'s parameters (no copy; works on the meta device)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"BitLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype, **kwargs)
+        layer.weight = w
+        if linear.bias is not None:
+            layer.bias = linear.bias
+        if layer.subln is not None:
+            layer.subln = SubLN(layer.in_features, layer.subln.eps, device=w.device, dtype=w.dtype)
+        layer.train(linear.training)
+        return layer
+
+    # ---- quantization factor ------------------------------------------------------------------
+
+    @property
+    def lam(self) -> float | Tensor:
+        """The warm-up factor in force: the schedule's tensor, or 1.0 without a schedule."""
+        return 1.0 if self.schedule is None else self.schedule.lam
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def _input(self, x: Tensor) -> Tensor:
+        """The unquantized input the matmul sees: after SubLN and Q-Sparse."""
+        if self.subln is not None:
+            x = self.subln(x)
+        if self.qsparse is not None:
+            x = self.qsparse(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input last dim must be {self.in_features}, got {tuple(x.shape)}")
+        if self.packed is not None:
+            return self._forward_packed(x)
+        h = self._input(x)
+        lam = self.lam
+        return F.linear(act_fake_quant(h, lam), ternary_fake_quant(self.weight, lam), self.bias)
+
+    # ---- packed inference ---------------------------------------------------------------------
+
+    @property
+    def is_packed(self) -> bool:
+        return self.packed is not None
+
+    @property
+    def padded_in_features(self) -> int:
+        """``in_features`` rounded up to the I2_S block: packed weights carry zero columns there."""
+        return -(-self.in_features // I2S_BLOCK) * I2S_BLOCK
+
+    @torch.no_grad()
+    def pack(self) -> BitLinear:
+        """Freeze to I2_S: quantize the weight once, keep ``M * K_pad / 4 + 32`` bytes, drop it.
+
+        The input dim is zero-padded to a multiple of 128 where needed (zero codes add nothing).
+        The packed layer is for inference (no gradient to the weight); its ``state_dict`` holds
+        ``packed`` instead of ``weight``. Returns ``self``.
+        """
+        if self.is_packed:
+            return self
+        w = self.weight.detach()
+        if w.is_meta:
+            raise ValueError(f"{type(self).__name__}.pack: the weight is on the meta device; materialize it first")
+        codes, scale = ops.ternary_quant(w.to(torch.float32).cpu().contiguous())
+        pad = self.padded_in_features - self.in_features
+        if pad:
+            codes = F.pad(codes, (0, pad))
+        self._set_packed(ops.pack(codes, scale, "i2_s").to(w.device))
+        return self
+
+    def _set_packed(self, buf: Tensor) -> None:
+        """Replace the latent weight by packed I2_S bytes (shape [M * K_pad / 4 + 32], uint8)."""
+        expected = self.out_features * self.padded_in_features // 4 + 32
+        if buf.dtype != torch.uint8 or buf.shape != (expected,):
+            raise ValueError(
+                f"{type(self).__name__}: packed must be uint8 [{expected}] for out_features={self.out_features}, "
+                f"in_features={self.in_features}, got {buf.dtype} {tuple(buf.shape)}"
+            )
+        del self.weight
+        self.register_parameter("weight", None)
+        self.packed = buf
+
+    @classmethod
+    def from_ternary(cls, codes: Tensor, scale: float | Tensor, bias: Tensor | None = None, **kwargs) -> BitLinear:
+        """A packed layer from ternary ``codes`` int8 [out, in] in {-1, 0, 1} and the weight scale."""
+        if codes.dim() != 2:
+            raise ValueError(f"BitLinear.from_ternary: codes must be 2-D [out, in], got {tuple(codes.shape)}")
+        out_features, in_features = codes.shape
+        with torch.device("meta"):
+            layer = cls(in_features, out_features, bias is not None, **kwargs)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if layer.subln is not None:
+            layer.subln = SubLN(in_features, layer.subln.eps, device=codes.device)
+        pad = layer.padded_in_features - in_features
+        c = F.pad(codes.to(torch.int8).cpu(), (0, pad)) if pad else codes.to(torch.int8).cpu().contiguous()
+        s = torch.as_tensor(scale, dtype=torch.float32).reshape(())
+        layer._set_packed(ops.pack(c, s, "i2_s").to(codes.device))
+        return layer.eval()
+
+    def ternary_weight(self) -> tuple[Tensor, Tensor]:
+        """``(codes int8 [out, in], scale float32 0-dim)``: what the layer multiplies by."""
+        if self.is_packed:
+            codes, scale = ops.unpack(self.packed.cpu(), (self.out_features, self.padded_in_features), "i2_s")
+            return codes[:, : self.in_features].to(self.packed.device), scale.to(self.packed.device)
+        return ops.ternary_quant(self.weight.detach().contiguous())
+
+    def _forward_packed(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        h = self._input(x.detach()).reshape(-1, self.in_features)
+        if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            h = h.to(torch.float32)
+        q, x_scale = ops.act_quant_int8(h.contiguous())
+        pad = self.padded_in_features - self.in_features
+        if pad:
+            q = F.pad(q, (0, pad))
+        y = ops.i2s_matmul(q, x_scale, self.packed, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        if self.is_packed:
+            s += ", packed=i2_s"
+        return s
+
+
+class BitLinearLRC(BitLinear):
+    """BitLinear plus a trainable full-precision low-rank correction on the unquantized input:
+    ``y = BitLinear(x) + (h V^T) U^T`` with ``h`` the input after SubLN, ``V`` = ``lrc_v``
+    [rank, in] and ``U`` = ``lrc_u`` [out, rank].
+
+    ``U`` starts at zero, so wrapping a BitLinear does not change its function; ``V`` starts
+    random so that ``U`` gets a gradient from the first step.
+
+    Args:
+        rank: an int >= 1, or a float in (0, 1] taken as a fraction of ``min(in, out)``.
+        Others as :class:`BitLinear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 rank: int | float = 0.1, **kwargs) -> None:  # fmt: skip
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype, **kwargs)
+        self.rank = lrc_rank(rank, in_features, out_features)
+        self.lrc_v = nn.Parameter(torch.empty(self.rank, in_features, device=device, dtype=dtype))
+        self.lrc_u = nn.Parameter(torch.empty(out_features, self.rank, device=device, dtype=dtype))
+        self.reset_lrc()
+
+    def reset_lrc(self) -> None:
+        if self.lrc_v.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.lrc_v, a=math.sqrt(5))
+        nn.init.zeros_(self.lrc_u)
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear, rank: int | float) -> BitLinearLRC:
+        """Wrap ``layer`` (sharing its weight, bias and SubLN) with a zero-initialized correction."""
+        if layer.is_packed:
+            raise ValueError("BitLinearLRC.from_bitlinear: add the correction before packing")
+        w = layer.weight
+        with torch.device("meta"):
+            new = cls(layer.in_features, layer.out_features, layer.bias is not None, dtype=w.dtype, rank=rank)
+        new.weight, new.bias, new.subln = layer.weight, layer.bias, layer.subln
+        new.schedule, new.qsparse = layer.schedule, layer.qsparse
+        new.lrc_v = nn.Parameter(torch.empty(new.rank, layer.in_features, device=w.device, dtype=w.dtype))
+        new.lrc_u = nn.Parameter(torch.empty(layer.out_features, new.rank, device=w.device, dtype=w.dtype))
+        new.reset_lrc()
+        new.train(layer.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        h = self.subln(x) if self.subln is not None else x
+        return y + F.linear(F.linear(h.to(self.lrc_v.dtype), self.lrc_v), self.lrc_u).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rank={self.rank}"
+
+
+def lrc_rank(rank: int | float, in_features: int, out_features: int) -> int:
+    """The LRC rank: an int as given, a float as a fraction of ``min(in, out)`` (at least 1)."""
+    limit = min(in_features, out_features)
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise TypeError(f"rank must be an int or a float fraction, got {type(rank).__name__}")
+    if isinstance(rank, int):
+        if not 1 <= rank <= limit:
+            raise ValueError(f"rank must be in [1, min(in, out)={limit}], got {rank}")
+        return rank
+    if not 0.0 < rank <= 1.0:
+        raise ValueError(f"rank as a fraction must be in (0, 1], got {rank}")
+    return max(1, round(rank * limit))
+
+
+# ---- model-wide helpers -----------------------------------------------------------------------
+
+
+def bitlinear_modules(model: nn.Module) -> Iterator[tuple[str, BitLinear]]:
+    """``(name, layer)`` for every BitLinear in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, BitLinear):
+            yield name, m
+
+
+def set_schedule(model: nn.Module, schedule: QuantSchedule | None) -> QuantSchedule | None:
+    """Make every BitLinear (and its Q-Sparse) in ``model`` read ``schedule``; returns it."""
+    for _, m in bitlinear_modules(model):
+        m.schedule = schedule
+        if m.qsparse is not None:
+            m.qsparse.schedule = schedule
+    return schedule
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module) -> nn.Module:
+    """Pack every BitLinear of ``model`` to I2_S for inference (see :meth:`BitLinear.pack`)."""
+    for _, m in bitlinear_modules(model):
+        m.pack()
+    return model.eval()

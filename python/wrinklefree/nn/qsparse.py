@@ -1,0 +1,88 @@
+"""Q-Sparse: top-k activation sparsity at BitLinear inputs (DESIGN.md section 5).
+
+Each token keeps its ``K - round(ratio * K)`` largest-magnitude inputs and zeroes the rest
+("topk"), or keeps the ``n`` largest in every block of ``block_size`` consecutive inputs, with
+``n = block_size - round(ratio * block_size)`` ("block", N:M sparsity). The gradient passes
+straight through to every input. With ``warmup_steps`` the ratio rises linearly from 0 over that
+many steps of the model's :class:`~wrinklefree.nn.QuantSchedule`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from wrinklefree.nn.schedule import QuantSchedule
+from wrinklefree.ops.fake_quant import straight_through
+
+QSPARSE_MODES = ("topk", "block")
+
+
+class QSparse(nn.Module):
+    """Top-k sparsification of activations [..., K] over the last dim, with the STE.
+
+    Args:
+        ratio: target fraction of zeros, in [0, 1) (default 0.61, the Q-Sparse ternary setting).
+        mode: "topk" (per token) or "block" (N:M within blocks of ``block_size``).
+        block_size: M of N:M; K must be a multiple of it in "block" mode.
+        warmup_steps: steps over which the ratio rises from 0 to ``ratio`` (0: from the start).
+        schedule: the schedule whose step drives the warm-up (set by ``convert``).
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.61,
+        mode: str = "topk",
+        block_size: int = 8,
+        warmup_steps: int = 0,
+        schedule: QuantSchedule | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"QSparse: ratio must be in [0, 1), got {ratio!r}")
+        if mode not in QSPARSE_MODES:
+            raise ValueError(f"QSparse: mode must be one of {QSPARSE_MODES}, got {mode!r}")
+        if block_size < 2:
+            raise ValueError(f"QSparse: block_size must be >= 2, got {block_size!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"QSparse: warmup_steps must be >= 0, got {warmup_steps!r}")
+        self.ratio = float(ratio)
+        self.mode = mode
+        self.block_size = int(block_size)
+        self.warmup_steps = int(warmup_steps)
+        self.schedule = schedule
+
+    def current_ratio(self) -> float:
+        """The ratio in force now: the target, scaled down during warm-up."""
+        if self.warmup_steps == 0:
+            return self.ratio
+        step = self.schedule.current_step if self.schedule is not None else self.warmup_steps
+        return self.ratio * min(step / self.warmup_steps, 1.0)
+
+    def kept(self, k: int) -> int:
+        """How many of ``k`` values (a row in topk mode, a block in block mode) are kept."""
+        return k - round(self.current_ratio() * k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = x.shape[-1]
+        if self.mode == "topk":
+            keep = self.kept(k)
+            if keep == k:
+                return x
+            idx = x.detach().abs().topk(keep, dim=-1, sorted=False).indices
+            mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+        else:
+            m = self.block_size
+            if k % m:
+                raise ValueError(f"QSparse: block mode needs the input size {k} to be a multiple of block_size={m}")
+            keep = self.kept(m)
+            if keep == m:
+                return x
+            blocks = x.detach().abs().unflatten(-1, (k // m, m))
+            idx = blocks.topk(keep, dim=-1, sorted=False).indices
+            mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, idx, True).flatten(-2)
+        return straight_through(x.detach() * mask, x)
+
+    def extra_repr(self) -> str:
+        extra = f", block_size={self.block_size}" if self.mode == "block" else ""
+        return f"ratio={self.ratio}, mode={self.mode!r}{extra}, warmup_steps={self.warmup_steps}"

@@ -1,0 +1,178 @@
+"""wrinklefree.convert on tiny Hugging Face models built from configs (random weights, nothing downloaded)."""
+
+import copy
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from wrinklefree import BitLinear, BitLinearLRC, QSparse, QuantSchedule, convert  # noqa: E402
+from wrinklefree.nn import bitlinear_modules, pack_model  # noqa: E402
+
+VOCAB = 300
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny(arch: str, **overrides):
+    """A tiny causal LM of the given family, seeded."""
+    kw = dict(COMMON, **overrides)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**kw),  # SmolLM2 is a Llama
+        "qwen2": lambda: transformers.Qwen2Config(**kw),
+        "qwen3": lambda: transformers.Qwen3Config(head_dim=32, **kw),
+        "mistral": lambda: transformers.MistralConfig(**kw),
+    }
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(configs[arch]()).eval()
+
+
+def ids(batch=2, seq=13, seed=1):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_linear_but_the_head_becomes_bitlinear_with_subln(arch):
+    model = tiny(arch)
+    linear_names = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    convert(model)
+    converted = dict(bitlinear_modules(model))
+    assert set(converted) == linear_names - {"lm_head"}
+    assert type(model.lm_head) is nn.Linear
+    with_subln = {n for n, m in converted.items() if m.subln is not None}
+    assert with_subln == {n for n in converted if n.endswith(("o_proj", "down_proj"))}
+    assert model.config.wrinklefree["subln"] == "standard"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_without_quantization_and_subln_logits_are_unchanged(arch):
+    model = tiny(arch)
+    x = ids()
+    expected = model(x).logits
+    converted = convert(model, inplace=False, subln="none", schedule=QuantSchedule(warmup_steps=10))
+    assert converted is not model and not any(True for _ in bitlinear_modules(model))
+    assert torch.equal(converted(x).logits, expected)
+
+
+def test_conversion_shares_parameters_in_place():
+    model = tiny("llama")
+    q = model.model.layers[0].self_attn.q_proj.weight
+    out = convert(model)
+    assert out is model and model.model.layers[0].self_attn.q_proj.weight is q
+
+
+def test_allnorm_puts_subln_before_every_bitlinear():
+    model = convert(tiny("qwen2"), subln="allnorm")
+    assert all(m.subln is not None for _, m in bitlinear_modules(model))
+
+
+def test_relu2_activation_and_skip():
+    model = convert(tiny("llama"), activation="relu2", skip=["k_proj", "model.layers.1.mlp.*"])
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(5)
+    assert torch.equal(mlp.act_fn(x), torch.relu(x) ** 2) and model.config.hidden_act == "relu2"
+    assert type(model.model.layers[0].self_attn.k_proj) is nn.Linear
+    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    assert isinstance(model.model.layers[1].self_attn.q_proj, BitLinear)
+
+
+def test_lrc_and_qsparse_options():
+    schedule = QuantSchedule(5)
+    model = convert(tiny("llama"), lrc_rank=4, qsparse={"ratio": 0.5}, schedule=schedule)
+    layers = [m for _, m in bitlinear_modules(model)]
+    assert all(isinstance(m, BitLinearLRC) and m.rank == 4 for m in layers)
+    assert all(isinstance(m.qsparse, QSparse) and m.qsparse.ratio == 0.5 for m in layers)
+    assert all(m.schedule is schedule and m.qsparse.schedule is schedule for m in layers)
+    assert model(ids()).logits.isfinite().all()
+
+
+def test_bad_arguments_and_unsupported_models():
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama.*qwen2.*qwen3.*mistral"):
+        convert(transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+    with pytest.raises(TypeError, match="Hugging Face"):
+        convert(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="subln"):
+        convert(tiny("llama"), subln="everywhere")
+    with pytest.raises(ValueError, match="activation"):
+        convert(tiny("llama"), activation="gelu")
+    model = convert(tiny("llama"))
+    with pytest.raises(ValueError, match="converted twice"):
+        convert(model)
+
+
+def test_convert_on_meta_device_then_materialize():
+    config = transformers.LlamaConfig(**COMMON)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    convert(model)
+    layer = model.model.layers[0].self_attn.o_proj
+    assert isinstance(layer, BitLinear) and layer.weight.is_meta and layer.subln.weight.is_meta
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    assert torch.equal(layer.subln.weight, torch.ones(128))
+
+
+def test_convert_then_fsdp2_matches_unsharded():
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    model = convert(tiny("llama"))
+    reference = copy.deepcopy(model)
+    with tempfile.NamedTemporaryFile() as f:
+        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1)
+        try:
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            x = ids()
+            loss = model(x, labels=x).loss
+            loss.backward()
+            ref_loss = reference(x, labels=x).loss
+            ref_loss.backward()
+            assert torch.equal(loss, ref_loss)
+            grad = model.model.layers[0].self_attn.q_proj.weight.grad.full_tensor()
+            torch.testing.assert_close(grad, reference.model.layers[0].self_attn.q_proj.weight.grad)
+        finally:
+            dist.destroy_process_group()
+
+
+def test_trained_then_packed_gives_the_same_greedy_tokens():
+    torch.manual_seed(0)
+    model = convert(tiny("llama"), activation="relu2")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.arange(64).remainder(VOCAB).view(2, 32)  # a learnable pattern
+    losses = []
+    for _ in range(8):
+        loss = model(data, labels=data).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    prompt = data[:1, :6]
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        unpacked = model.generate(prompt, **kw)
+        packed_model = pack_model(copy.deepcopy(model))
+        packed = packed_model.generate(prompt, **kw)
+    assert all(m.is_packed for _, m in bitlinear_modules(packed_model))
+    assert torch.equal(packed, unpacked)
