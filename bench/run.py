@@ -1,5 +1,6 @@
 """Kernel benchmark: every wrinklefree op against its plain-PyTorch reference and, for the matmuls,
-against torch's fp32 matmul, on the BitNet b1.58 2B4T shapes (DESIGN.md section 6).
+against torch's fp32 matmul, on the BitNet b1.58 2B4T shapes (DESIGN.md section 6); BitLinear
+(training forward+backward, packed inference) against torch.nn.Linear on the same shapes.
 
     python bench/run.py [--quick] [--out PATH] [--threads N] [--isa avx512|avx2|scalar] [--kernels a,b]
 
@@ -12,6 +13,7 @@ To add a benchmark, write a generator of :class:`Case` and decorate it with ``@r
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import functools
 import json
@@ -25,14 +27,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import wrinklefree
-from wrinklefree import _C, ops
+from wrinklefree import _C, BitLinear, ops
 from wrinklefree.ops import reference
 
 # (K, M) of the 2B4T BitLinears: q/o, k/v, gate/up, down.
 SHAPES_KM = [(2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)]
 BATCHES = [1, 128]  # decode (one token) and prefill (a 128-token prompt)
+
+# Tokens per BitLinear training step. On a GPU a 128-token step is bound by kernel launches, not
+# by the matmuls, so the GPU target is also measured at a training-size batch (4 x 2048 tokens).
+TRAIN_TOKENS_CPU = [128]
+TRAIN_TOKENS_CUDA = [128, 8192]
 
 # Weights stream from DRAM in real decoding, but one 2B4T weight (0.4-4.4 MB packed) fits in this
 # machine's 32 MiB L3. Timed calls therefore cycle over copies of their streamed operands so that
@@ -53,6 +61,7 @@ DECODE_BW_SHARE = 0.80
 PREFILL_GMACS = 400.0
 PREFILL_VS_FP32 = 3.0
 QUANT_BW_SHARE = 0.50
+TRAIN_TIME_VS_LINEAR = 1.15  # BitLinear forward+backward time over a bf16 nn.Linear's (GPU)
 
 
 @dataclass
@@ -61,7 +70,7 @@ class Provider:
 
     fn: Callable[..., object]
     args: tuple
-    rotate: tuple[int, ...] = ()  # indices of args that stream from memory in real use (see ROTATE_BYTES)
+    rotate: tuple[int, ...] = ()  # indices of args (tensors or modules) that stream from memory in real use
     nbytes: int | None = None  # bytes moved per call, where this provider's formats differ from the case's
     stream_bytes: int | None = None  # likewise for the bandwidth-share numerator
     slow: bool = False  # skipped by --quick
@@ -77,6 +86,9 @@ class Case:
     macs: int | None = None  # multiply-adds per call, for matmuls
     memory_bound: bool = False  # report the share of the read bandwidth measured beside it
     stream_bytes: int | None = None  # bytes the share is computed from (default: nbytes)
+    int8_matmul: bool = False  # our providers run the int8 matmul kernel: report their share of its peak
+    mode: str = "forward"  # or "full": forward and backward
+    device: str = "cpu"  # where the timed calls run; "cuda" synchronizes after each call
 
 
 @dataclass
@@ -140,6 +152,31 @@ def packed_bytes(fmt: str, m: int, k: int) -> int:
     return ops.FORMATS[fmt].nbytes(m, k)
 
 
+def same_weight_layers(m: int, k: int, device: str = "cpu") -> tuple[BitLinear, nn.Linear]:
+    """A BitLinear (training mode, no schedule: fully quantized) and an nn.Linear, both [M, K]
+    without bias, holding the same float32 weight."""
+    layers = BitLinear(k, m, bias=False, device=device), nn.Linear(k, m, bias=False, device=device)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(weight(m, k).w)
+    return layers
+
+
+def forward_backward(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """A layer's share of a training step: forward, then the gradients to the input and the weight.
+    torch.autograd.grad returns them instead of accumulating into ``.grad``, so every timed call
+    does the same work. On CUDA the layer runs under bf16 autocast, as mixed-precision training does.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        y = layer(x)
+    torch.autograd.grad(y, (x, layer.weight), grad_out)
+
+
+@torch.no_grad()
+def inference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
 # ---- benchmark entries ------------------------------------------------------------------------
 
 
@@ -180,6 +217,7 @@ def _matmul_cases(kernel: str, ours: Callable, ref: Callable, float_input: bool)
                 memory_bound=n == 1,
                 # at N=1 the packed weight is all that matters; activations and output are tiny
                 stream_bytes=m * k // 4,
+                int8_matmul=True,
             )
 
 
@@ -191,6 +229,68 @@ def i2s_matmul_cases(s: Settings) -> Iterator[Case]:
 @register("bitlinear_infer")
 def bitlinear_infer_cases(s: Settings) -> Iterator[Case]:
     yield from _matmul_cases("bitlinear_infer", ops.bitlinear_infer, reference.bitlinear_infer, float_input=True)
+
+
+@register("bitlinear_train")
+def bitlinear_train_cases(s: Settings) -> Iterator[Case]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the DESIGN target compares with a bf16 Linear, which is what autocast runs on CUDA
+    baseline = "torch_bf16" if device == "cuda" else "torch_fp32"
+    out_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # --quick: q/o only; a CPU step at the gate/up/down shapes takes ~0.25-0.5 s
+    shapes = SHAPES_KM[:1] if s.quick else SHAPES_KM
+    for k, m in shapes:
+        bitlinear, linear = same_weight_layers(m, k, device)
+        for n in TRAIN_TOKENS_CUDA if device == "cuda" else TRAIN_TOKENS_CPU:
+            x = activations(n, k).to(device).requires_grad_()
+            g = torch.Generator().manual_seed(n * 100_003 + m + 2)
+            grad_out = torch.randn(n, m, generator=g).to(device, out_dtype)
+            # No cache rotation: at N >= 128 the three matmuls, not the weight reads, set the time.
+            yield Case(
+                kernel="bitlinear_train",
+                shape={"N": n, "K": k, "M": m},
+                providers={
+                    "wrinklefree": Provider(forward_backward, (bitlinear, x, grad_out)),
+                    baseline: Provider(forward_backward, (linear, x, grad_out)),
+                },
+                baseline=baseline,
+                # in: x, W (float32), grad_out; out: y, dx (float32), dW (float32)
+                nbytes=4 * (2 * n * k + 2 * m * k) + 2 * n * m * grad_out.element_size(),
+                macs=3 * n * m * k,  # y = x W^T, dx = dy W, dW = dy^T x
+                mode="full",
+                device=device,
+            )
+
+
+@register("bitlinear_packed")
+def bitlinear_packed_cases(s: Settings) -> Iterator[Case]:
+    for k, m in SHAPES_KM:
+        bitlinear, linear = same_weight_layers(m, k)
+        bitlinear.pack()
+        weight_bytes = bitlinear.packed.numel()  # M * K / 4 + 32
+        for n in BATCHES:
+            x = activations(n, k)
+            yield Case(
+                kernel="bitlinear_packed",
+                shape={"N": n, "K": k, "M": m},
+                providers={
+                    # the weight streams in decoding: calls cycle over deep copies of the layer
+                    "wrinklefree": Provider(inference_forward, (bitlinear, x), rotate=(0,)),
+                    "torch_fp32": Provider(
+                        inference_forward,
+                        (linear, x),
+                        rotate=(0,),
+                        nbytes=4 * (n * k + m * k + n * m),
+                        stream_bytes=4 * m * k,
+                    ),
+                },
+                baseline="torch_fp32",
+                nbytes=weight_bytes + 4 * n * k + 4 * n * m,
+                macs=n * m * k,
+                memory_bound=n == 1,
+                stream_bytes=weight_bytes,
+                int8_matmul=True,
+            )
 
 
 def _activation_ks() -> list[int]:
@@ -303,21 +403,35 @@ class Timing:
     touched_bytes: int  # bytes of rotated operands one cycle over the copies reads
 
 
+def operand_bytes(a: torch.Tensor | nn.Module) -> int:
+    if isinstance(a, nn.Module):
+        return sum(t.nbytes for t in (*a.parameters(), *a.buffers()))
+    return a.nbytes
+
+
+def operand_copy(a: torch.Tensor | nn.Module) -> torch.Tensor | nn.Module:
+    return copy.deepcopy(a) if isinstance(a, nn.Module) else a.clone()
+
+
 def rotated_args(p: Provider) -> tuple[list[tuple], int]:
     if not p.rotate:
         return [p.args], 0
-    per_copy = sum(p.args[i].nbytes for i in p.rotate)
+    per_copy = sum(operand_bytes(p.args[i]) for i in p.rotate)
     n = max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / per_copy)))
-    sets = [p.args] + [tuple(a.clone() if i in p.rotate else a for i, a in enumerate(p.args)) for _ in range(n - 1)]
+    sets = [p.args] + [
+        tuple(operand_copy(a) if i in p.rotate else a for i, a in enumerate(p.args)) for _ in range(n - 1)
+    ]
     return sets, n * per_copy
 
 
-def time_provider(p: Provider, s: Settings) -> Timing:
+def time_provider(p: Provider, s: Settings, device: str = "cpu") -> Timing:
     sets, touched = rotated_args(p)
     n = len(sets)
 
     def call(i: int) -> None:
         p.fn(*sets[i % n])
+        if device == "cuda":
+            torch.cuda.synchronize()  # a call ends when its GPU work does, not when it is queued
 
     # The first call pays one-off costs (torch imports its compile machinery on a custom op's first
     # call, ~1 s; output pages fault in), so it neither counts nor serves as the estimate, unless
@@ -361,7 +475,7 @@ def run_case(case: Case, s: Settings, int8_peak: float) -> list[dict]:
         ours = case.memory_bound and name.startswith("wrinklefree")
         if ours:
             probes.append(probe_bandwidth(s))
-        timings[name] = time_provider(case.providers[name], s)
+        timings[name] = time_provider(case.providers[name], s, case.device)
         if ours:
             probes.append(probe_bandwidth(s))
     bw = statistics.mean(probes) if probes else None
@@ -376,7 +490,8 @@ def run_case(case: Case, s: Settings, int8_peak: float) -> list[dict]:
             {
                 "kernel": case.kernel,
                 "provider": name,
-                "mode": "forward",
+                "mode": case.mode,
+                "device": case.device,
                 "shape": case.shape,
                 "median_ms": t.median_s * 1e3,
                 "p20_ms": t.p20_s * 1e3,
@@ -389,9 +504,10 @@ def run_case(case: Case, s: Settings, int8_peak: float) -> list[dict]:
                 "gmac_per_s": case.macs / t.median_s / 1e9 if case.macs else None,
                 # compute ceiling: the int8 multiply-add instruction's peak measured in this run
                 "pct_int8_peak": 100 * case.macs / t.median_s / int8_peak
-                if case.macs and name != "torch_fp32"
+                if case.int8_matmul and name != "torch_fp32"
                 else None,
                 "stream_bytes": stream if case.memory_bound else None,
+                "stream_gb_per_s": stream / t.median_s / 1e9 if case.memory_bound else None,
                 "read_bw_gb_per_s": bw / 1e9 if bw else None,
                 "read_bw_probes_gb_per_s": [b / 1e9 for b in probes] if probes else None,
                 "pct_read_bw": 100 * stream / t.median_s / bw if bw else None,
@@ -421,17 +537,29 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
     targets = []
 
     def add(
-        name: str, row: dict, value: float | None, goal: float | None, unit: str, judged: bool = True, note: str = ""
+        name: str,
+        row: dict,
+        value: float | None,
+        goal: float | None,
+        unit: str,
+        judged: bool = True,
+        note: str = "",
+        at_most: bool = False,  # the goal is a ceiling (times), not a floor
     ) -> None:
+        met = None
+        if judged:
+            met = value is not None and (value <= goal if at_most else value >= goal)
         targets.append(
             {
                 "target": name,
                 "kernel": row["kernel"],
                 "shape": row["shape"],
+                "device": row["device"],
                 "value": value,
                 "goal": goal,
+                "goal_op": "<=" if at_most else ">=",
                 "unit": unit,
-                "met": (value is not None and value >= goal) if judged else None,
+                "met": met,
                 "note": note,
             }
         )
@@ -450,6 +578,20 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
             add("prefill throughput", r, r["gmac_per_s"], PREFILL_GMACS, "G multiply-adds/s")
             add("prefill vs torch fp32", r, r["ratio"], PREFILL_VS_FP32, "x torch fp32")
             add("prefill share of peak", r, r["pct_int8_peak"], None, "% of int8 MAC peak", False, "(the ceiling)")
+        elif r["kernel"] == "bitlinear_packed" and r["shape"]["N"] == 1:
+            add("decode, through BitLinear", r, r["pct_read_bw"], None, "% of read BW", False, "(with layer cost)")
+        elif r["kernel"] == "bitlinear_train":
+            on_gpu = r["device"] == "cuda"
+            add(
+                "train fwd+bwd time",
+                r,
+                1 / r["ratio"],
+                TRAIN_TIME_VS_LINEAR,
+                "x Linear's time",
+                on_gpu,
+                "" if on_gpu else "n/a on CPU (a GPU target, vs bf16)",
+                at_most=True,
+            )
         elif r["kernel"] in ("act_quant_int8", "rmsnorm_act_quant", "ternary_quant"):
             judged = r["bytes"] >= MIN_BW_TARGET_BYTES
             add(
@@ -498,10 +640,10 @@ def print_targets(targets: list[dict]) -> None:
     print("\nTargets (DESIGN.md section 6; reported, not asserted):")
     for t in targets:
         verdict = {True: "MET", False: "not met", None: t["note"]}[t["met"]]
-        goal = f"vs >= {t['goal']:g}" if t["goal"] is not None else "  " + " " * 6
+        goal = f"vs {t['goal_op']} {t['goal']:g}" if t["goal"] is not None else "  " + " " * 6
         print(
-            f"  {t['target']:<24} {t['kernel']:<18} {shape_text(t['shape']):<22} "
-            f"{fmt_num(t['value'], '8.1f')} {goal} {t['unit']:<18} {verdict}"
+            f"  {t['target']:<26} {t['kernel']:<18} {shape_text(t['shape']):<22} "
+            f"{fmt_num(t['value'], '8.2f')} {goal} {t['unit']:<18} {verdict}"
         )
     judged = [t for t in targets if t["met"] is not None]
     print(f"  {sum(t['met'] for t in judged)} of {len(judged)} judged targets met")
@@ -567,6 +709,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch_threads": torch.get_num_threads(),
         "wrinklefree_version": wrinklefree.__version__,
         "torch_version": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python_version": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": s.quick,
@@ -576,13 +719,15 @@ def main(argv: list[str] | None = None) -> None:
         "rotate_bytes": ROTATE_BYTES,
         "call_overhead_us": call_overhead_us(s),
     }
+    gpu = f" | {meta['cuda_device']}" if meta["cuda_device"] else ""
     print(
         f"{meta['cpu']} | isa {meta['isa']} | {meta['threads']} threads | wrinklefree {meta['wrinklefree_version']}"
-        f" | torch {meta['torch_version']} | read BW {meta['read_bw_gb_per_s']:.1f} GB/s"
+        f" | torch {meta['torch_version']}{gpu} | read BW {meta['read_bw_gb_per_s']:.1f} GB/s"
         f" | int8 MAC peak {meta['int8_peak_gmac_per_s']:.0f} G/s"
         f" | op call overhead {meta['call_overhead_us']['i2s_matmul']:.1f} us"
         f" (torch matmul {meta['call_overhead_us']['torch_fp32_matmul']:.1f} us)\n"
-        "ratio = speedup over the case's baseline (torch_fp32 for matmuls, reference otherwise); "
+        "ratio = speedup over the case's baseline (torch's matmul or nn.Linear for matmuls and BitLinear, "
+        "reference otherwise); "
         "% BW = share of the read bandwidth probed beside the timing (N=1 matmuls: packed weight bytes only;\n"
         "elsewhere inputs + outputs, so a kernel writing more than it reads, like unpack, can pass 100)\n"
     )

@@ -176,3 +176,17 @@ def test_trained_then_packed_gives_the_same_greedy_tokens():
         packed = packed_model.generate(prompt, **kw)
     assert all(m.is_packed for _, m in bitlinear_modules(packed_model))
     assert torch.equal(packed, unpacked)
+
+
+def test_converted_model_compiles_and_follows_the_schedule_without_recompiling():
+    schedule = QuantSchedule(warmup_steps=2)
+    model = convert(tiny("llama"), schedule=schedule)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = ids()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):  # lam = 0, 0.5, 1
+            loss = compiled(x, labels=x).loss
+            loss.backward()
+            assert torch.equal(loss, model(x, labels=x).loss)
+            schedule.step()
