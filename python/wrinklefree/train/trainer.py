@@ -1,0 +1,419 @@
+"""The training loop: model, data, objectives, optimizer, checkpoints and logging from one config."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from wrinklefree.models import convert
+from wrinklefree.nn import QuantSchedule
+from wrinklefree.objectives import CrossEntropy, DiffusionLM, ObjectiveManager
+from wrinklefree.train import distributed
+from wrinklefree.train.checkpoint import CheckpointManager, stage_dir
+from wrinklefree.train.metrics import MetricsLogger, run_name
+from wrinklefree.train.optim import ZClip, build_lr_scheduler, build_optimizer
+
+GPU_TABLE_MIN_GB = (("h100_80gb", 75), ("a100_40gb", 35), ("a10g_24gb", 20))
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def gpu_table(cfg: DictConfig, device: torch.device) -> dict:
+    """The batch table of ``cfg.gpu``; ``auto`` picks one by the device found."""
+    if cfg.gpu.name != "auto":
+        return _plain(cfg.gpu.batch)
+    if device.type != "cuda":
+        name = "cpu"
+    else:
+        gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+        name = next((n for n, need in GPU_TABLE_MIN_GB if gb >= need), "a10g_24gb")
+    path = importlib.resources.files("wrinklefree.configs") / "gpu" / f"{name}.yaml"
+    return _plain(OmegaConf.create(path.read_text()).batch)
+
+
+def batch_settings(cfg: DictConfig, table: dict) -> tuple[int, int]:
+    """``(micro-batch size, gradient-accumulation steps)``: the config's, else the gpu table's."""
+    entry = table.get(cfg.model.name, {})
+    chosen = entry.get(cfg.training.stage) or entry.get("default") or table.get("default") or {}
+    batch = cfg.training.batch_size or chosen.get("batch_size", 1)
+    accum = cfg.training.grad_accum or chosen.get("grad_accum", 1)
+    if batch < 1 or accum < 1:
+        raise ValueError(f"training.batch_size and training.grad_accum must be >= 1, got {batch} and {accum}")
+    return int(batch), int(accum)
+
+
+def build_model(cfg: DictConfig, tokenizer, schedule: QuantSchedule | None) -> nn.Module:
+    """The Hugging Face causal LM of ``cfg.model``, converted to BitNet unless ``training.convert`` is false."""
+    import transformers
+
+    mcfg = cfg.model
+    dtype = getattr(torch, mcfg.dtype)
+    if mcfg.pretrained:
+        model = transformers.AutoModelForCausalLM.from_pretrained(mcfg.pretrained, dtype=dtype)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. the added mask token
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        fields = dict(_plain(mcfg.config))
+        model_type = fields.pop("model_type")
+        config = transformers.AutoConfig.for_model(
+            model_type,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **fields,
+        )
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if cfg.training.convert:
+        conv = _plain(mcfg.convert)
+        convert(model, schedule=schedule, **conv)
+    return model
+
+
+class Trainer:
+    """Builds everything from a composed Hydra config and runs the loop (:meth:`fit`)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from wrinklefree.data import build_loader, build_source, get_tokenizer
+
+        self.cfg = cfg
+        tcfg = cfg.training
+        if not tcfg.available:
+            raise NotImplementedError(f"training={tcfg.stage}: this recipe is not available yet")
+        self.ctx = distributed.setup(cfg.distributed.strategy, cfg.device, cfg.distributed.get("backend", "auto"))
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.max_steps = int(tcfg.max_steps)
+
+        tok_name = cfg.data.tokenizer
+        if tok_name == "auto":
+            tok_name = cfg.model.pretrained  # None: the built-in BPE
+        self.tokenizer = get_tokenizer(tok_name, vocab_size=cfg.data.vocab_size)
+
+        self.schedule = QuantSchedule(int(tcfg.quant_warmup.steps), tcfg.quant_warmup.kind) if tcfg.convert else None
+        model = build_model(cfg, self.tokenizer, self.schedule).to(self.ctx.device)
+        torch.manual_seed(cfg.seed + self.ctx.rank)  # from here on (e.g. DLM masks) each rank draws its own
+        self.n_params = sum(p.numel() for p in model.parameters())
+        if tcfg.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.raw_model = model
+        self.model = distributed.wrap(model, self.ctx, _plain(cfg.distributed))
+        self.forward_model = torch.compile(self.model) if tcfg.compile else self.model
+
+        self.batch_size, self.grad_accum = batch_settings(cfg, gpu_table(cfg, self.ctx.device))
+        if tcfg.auto_batch_size:
+            self._auto_batch_size()
+        self.seq_len = int(cfg.data.seq_len)
+        self.global_batch = self.batch_size * self.grad_accum * self.ctx.world_size
+
+        self.optimizer = build_optimizer(self.raw_model, _plain(tcfg.optimizer))
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, _plain(tcfg.lr_schedule), max(self.max_steps, 1))
+        self.qk_tracker = None
+        qk = tcfg.qk_clip.enabled
+        if qk is True or (qk == "auto" and tcfg.optimizer.type == "muon"):
+            from wrinklefree.train.muon import MaxLogitTracker
+
+            self.qk_tracker = MaxLogitTracker(self.raw_model)
+        self.zclip = (
+            ZClip(**{k: v for k, v in _plain(tcfg.zclip).items() if k != "enabled"}) if tcfg.zclip.enabled else None
+        )
+
+        self.objectives = self._build_objectives()
+        sources = []
+        for spec in _plain(cfg.data.sources):
+            spec = dict(spec)
+            weight = float(spec.pop("weight", 1.0))
+            sources.append((build_source(spec), weight))
+        loader_kw = dict(
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            seed=cfg.seed,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            eval_fraction=float(cfg.data.eval_fraction),
+        )
+        self.train_loader = build_loader(sources, self.tokenizer, split="train", **loader_kw)
+        self.eval_sources = sources
+        self.eval_loader_kw = loader_kw
+        self.has_eval = float(cfg.data.eval_fraction) > 0
+
+        config_dict = _plain(cfg)
+        self.run_name = cfg.experiment or run_name(
+            cfg.model.name, tcfg.stage, tcfg.optimizer.type, float(tcfg.optimizer.lr), self.global_batch, config_dict
+        )
+        self.run_dir = Path(cfg.output_dir) / "runs" / self.run_name
+        self.checkpoints = CheckpointManager(
+            stage_dir(cfg.output_dir, self.run_name, tcfg.stage), keep=int(tcfg.keep_checkpoints)
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.logger = None
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            self.logger = MetricsLogger(
+                self.run_dir, wandb_cfg=_plain(tcfg.logging.wandb), run_config=config_dict, name=self.run_name
+            )
+        self._maybe_resume()
+
+    # ---- setup helpers ----------------------------------------------------------------------
+
+    def _build_objectives(self) -> ObjectiveManager:
+        ocfg = _plain(self.cfg.training.objectives)
+        unknown = set(ocfg) - {"ce", "dlm"}
+        if unknown:
+            raise ValueError(f"training.objectives: unknown objectives {sorted(unknown)}; available: ce, dlm")
+        objectives: dict[str, nn.Module] = {"ce": CrossEntropy()}
+        weights = {"ce": float(ocfg.get("ce", {}).get("weight", 1.0))}
+        if "dlm" in ocfg:
+            d = dict(ocfg["dlm"])
+            weights["dlm"] = float(d.pop("weight", 0.0))
+            tok = self.tokenizer
+            if tok.mask_token_id is None:
+                raise ValueError("the DLM objective needs a tokenizer with a mask token")
+            never = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
+            objectives["dlm"] = DiffusionLM(tok.mask_token_id, never_mask=never, **d)
+        curriculum = _plain(self.cfg.training.curriculum) or []
+        return ObjectiveManager(objectives, weights, curriculum, self.max_steps).to(self.ctx.device)
+
+    def _auto_batch_size(self) -> None:
+        if self.ctx.device.type != "cuda":
+            self._print("training.auto_batch_size needs a GPU; keeping the table's batch size")
+            return
+        global_micro = self.batch_size * self.grad_accum
+        size, best = 1, None
+        while size <= global_micro:
+            try:
+                ids = torch.randint(0, len(self.tokenizer), (size, int(self.cfg.data.seq_len)), device=self.ctx.device)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = self.model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                self.model.zero_grad(set_to_none=True)
+                best = size
+                size *= 2
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.empty_cache()
+        if best is None:
+            raise RuntimeError("training.auto_batch_size: not even one sequence fits on this GPU")
+        self.batch_size = best
+        self.grad_accum = max(1, math.ceil(global_micro / best))
+        self._print(f"auto batch size: {self.batch_size} x {self.grad_accum} accumulation steps")
+
+    def _maybe_resume(self) -> None:
+        rcfg = self.cfg.training.resume
+        path = rcfg.checkpoint_path
+        if not path:
+            return
+        if path == "latest":
+            found = self.checkpoints.latest()
+            if found is None:
+                self._print(f"resume=latest: no checkpoint in {self.checkpoints.directory}; starting fresh")
+                return
+            path = found
+        state = CheckpointManager.load(path, self.raw_model, self.optimizer if rcfg.load_optimizer_state else None)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        if rcfg.load_scheduler_state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        else:  # a new schedule from step 0 for the steps still to run
+            self.lr_scheduler = build_lr_scheduler(
+                self.optimizer, _plain(self.cfg.training.lr_schedule), max(self.max_steps - self.step, 1)
+            )
+        if self.schedule is not None and state.get("quant_schedule"):
+            self.schedule.load_state_dict(state["quant_schedule"])
+        if state.get("data") is not None:
+            self.train_loader.load_state_dict(state["data"])
+        if self.zclip is not None and state.get("zclip"):
+            self.zclip.load_state_dict(state["zclip"])
+        self._print(f"resumed from {path} at step {self.step}")
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _print(self, msg: str) -> None:
+        if self.ctx.is_main:
+            print(f"[wrinklefree] {msg}", file=sys.stderr, flush=True)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self.train_loader)
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.ctx.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        self.model.train()
+        totals: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        for micro in range(self.grad_accum):
+            batch = self._next_batch()
+            sync = micro == self.grad_accum - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+            with ctx:
+                with self._autocast():
+                    loss, parts = self.objectives(self.forward_model, batch, self.step)
+                (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0) + v
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        if self.zclip is not None:
+            grad_norm = self.zclip.step(params)
+        elif self.cfg.training.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(self.cfg.training.grad_clip))
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.qk_tracker is not None:  # MuonClip: bring each head's max attention logit to tau
+            from wrinklefree.train.muon import qk_clip
+
+            qk_clip(self.raw_model, self.qk_tracker.pop(), tau=float(self.cfg.training.qk_clip.tau))
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        if self.schedule is not None:
+            self.schedule.step()
+        self.step += 1
+        self.tokens_seen += self.global_batch * self.seq_len
+        metrics = {"loss": distributed.all_reduce_mean(loss_sum / self.grad_accum).item()}
+        for k, v in totals.items():
+            metrics[f"loss_{k}"] = distributed.all_reduce_mean(v / self.grad_accum).item()
+        metrics["lr"] = lr
+        metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if self.schedule is not None:
+            metrics["lam"] = float(self.schedule.lam)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """CE on the held-out documents (``training.eval_batches`` batches), averaged over ranks."""
+        from wrinklefree.data import build_loader
+
+        self.model.eval()
+        loader = build_loader(self.eval_sources, self.tokenizer, split="eval", **self.eval_loader_kw)
+        ce = self.objectives.objectives["ce"]
+        losses = []
+        for _ in range(int(self.cfg.training.eval_batches)):
+            try:
+                batch = next(loader)
+            except StopIteration:
+                break
+            batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+            with self._autocast():
+                losses.append(ce(self.forward_model, batch).float())
+        if not losses:
+            return float("nan")
+        return distributed.all_reduce_mean(torch.stack(losses).mean()).item()
+
+    def save(self, name: str) -> Path:
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "quant_schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "data": self.train_loader.state_dict(),
+            "zclip": self.zclip.state_dict() if self.zclip is not None else None,
+            "run_name": self.run_name,
+        }
+        return self.checkpoints.save(name, self.raw_model, self.optimizer, state)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``training.max_steps``; returns a summary (first/last loss, eval loss, paths)."""
+        tcfg = self.cfg.training
+        self._print(
+            f"run {self.run_name}: {self.n_params / 1e6:.2f}M parameters, {self.ctx.world_size} x {self.ctx.device}, "
+            f"batch {self.batch_size} x {self.grad_accum} accum x {self.ctx.world_size} ranks x {self.seq_len} tokens"
+        )
+        first_loss = None
+        recent: list[float] = []  # the headline loss (CE) of the last steps, for a smoothed final figure
+        eval_loss = None
+        bar = None
+        if self.ctx.is_main and self.max_steps > self.step:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                       dynamic_ncols=True)  # fmt: skip
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            while self.step < self.max_steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                step_time = time.perf_counter() - t0
+                window_tokens += self.global_batch * self.seq_len
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
+                headline = metrics.get("loss_ce", metrics["loss"])
+                first_loss = headline if first_loss is None else first_loss
+                recent = (recent + [headline])[-max(10, self.max_steps // 10) :]
+                tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{headline:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if self.step % tcfg.log_every == 0 or self.step == self.max_steps:
+                    metrics.update(tokens_per_s=tok_s, step_time=step_time, tokens=self.tokens_seen)
+                    if self.has_eval and tcfg.eval_every and self.step % tcfg.eval_every == 0:
+                        eval_loss = metrics["eval_loss"] = self.evaluate()
+                    if self.logger is not None:
+                        self.logger.log(self.step, metrics)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if tcfg.save_every and self.step % tcfg.save_every == 0 and self.step < self.max_steps:
+                    self.save(f"step_{self.step}")
+            if self.has_eval and eval_loss is None and self.max_steps > 0:
+                eval_loss = self.evaluate()
+            final = self.save("final")
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.logger is not None:
+                self.logger.close()
+        summary = {
+            "run_name": self.run_name,
+            "steps": self.step,
+            "first_loss": first_loss,
+            "last_loss": sum(recent) / len(recent) if recent else None,
+            "eval_loss": eval_loss,
+            "checkpoint": str(final),
+            "run_dir": str(self.run_dir),
+        }
+        self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, s: dict[str, Any]) -> None:
+        if not self.ctx.is_main:
+            return
+        losses = (
+            f"train CE {s['first_loss']:.3f} (step 1) -> {s['last_loss']:.3f} (mean of the last steps)"
+            if s["first_loss"] is not None
+            else "no steps"
+        )
+        ev = f", eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""
+        print(
+            f"\nDone: {s['steps']} steps, {losses}{ev}.\n"
+            f"  checkpoint: {s['checkpoint']}\n"
+            f"  metrics:    {s['run_dir']}/metrics.jsonl\n\n"
+            "Next steps:\n"
+            f"  train longer:   python -m wrinklefree.train experiment={s['run_name']} "
+            f"training.resume.checkpoint_path={s['checkpoint']} training.max_steps={2 * max(s['steps'], 1)}\n"
+            "  another recipe: python -m wrinklefree.train training=stage2_pretrain model=smollm2_135m data=fineweb\n"
+            "  on N GPUs:      torchrun --nproc_per_node=N -m wrinklefree.train distributed=fsdp_multi\n"
+            "  kernels:        python bench/run.py\n",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        distributed.teardown()

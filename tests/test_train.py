@@ -1,0 +1,226 @@
+"""`python -m wrinklefree.train`: config tree, loop, checkpoints, resume, logging (tiny runs on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("hydra")
+pytest.importorskip("transformers")
+
+from hydra import compose, initialize_config_module  # noqa: E402
+from hydra.errors import ConfigCompositionException  # noqa: E402
+
+from wrinklefree.nn import BitLinear  # noqa: E402
+from wrinklefree.train.trainer import Trainer  # noqa: E402
+
+TINY = [
+    "model.config.hidden_size=64",
+    "model.config.intermediate_size=128",
+    "model.config.num_hidden_layers=2",
+    "model.config.num_attention_heads=2",
+    "model.config.num_key_value_heads=1",
+    "model.config.max_position_embeddings=64",
+    "data.seq_len=32",
+    "data.vocab_size=300",
+    "data.sources.0.max_chars=300000",
+    "training.batch_size=2",
+    "training.grad_accum=2",
+    "training.log_every=1",
+    "training.eval_batches=2",
+    "training.logging.wandb.enabled=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    # one tokenizer/token cache for the whole module: trained once, reused by every run
+    monkeypatch.setenv("WF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "wf-cache"))
+
+
+def config(out: Path, *overrides: str):
+    with initialize_config_module("wrinklefree.configs", version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={out}", *TINY, *overrides])
+
+
+def run(out: Path, *overrides: str) -> tuple[Trainer, dict]:
+    trainer = Trainer(config(out, *overrides))
+    try:
+        return trainer, trainer.fit()
+    finally:
+        trainer.close()
+
+
+def metrics(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_config_composes_with_the_embedded_recipe():
+    with initialize_config_module("wrinklefree.configs", version_base="1.3"):
+        cfg = compose("config")
+    assert cfg.model.name == "tiny" and cfg.training.stage == "unified" and cfg.data.name == "builtin"
+    assert cfg.distributed.strategy == "single" and cfg.gpu.name == "auto"
+    assert cfg.training.objectives.dlm.weight > 0 and cfg.model.convert.subln == "standard"
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        "model=smollm2_135m",
+        "model=qwen3_4b",
+        "model=bitnet_2b4t",
+        "training=stage2_pretrain",
+        "training=fp_pretrain",
+        "training=stage3_distill",
+        "data=fineweb",
+        "data=mixed_pretrain",
+        "distributed=fsdp_multi",
+        "distributed=ddp",
+        "gpu=h100_80gb",
+        "gpu=a10g_24gb",
+    ],
+)
+def test_every_group_option_composes(group):
+    with initialize_config_module("wrinklefree.configs", version_base="1.3"):
+        cfg = compose("config", overrides=[group])
+    assert cfg.training.max_steps >= 0
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(ConfigCompositionException, match="training.bogus"):
+        config(Path("/tmp"), "training.bogus=1")
+    with pytest.raises(ConfigCompositionException):
+        config(Path("/tmp"), "model=gpt5")
+
+
+def test_unified_run_logs_metrics_saves_and_lowers_the_loss(tmp_path):
+    trainer, summary = run(tmp_path, "training.max_steps=12", "training.eval_every=6", "training.save_every=6")
+    assert isinstance(trainer.raw_model.model.layers[0].mlp.down_proj, BitLinear)
+    rows = metrics(summary["run_dir"])
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("loss", "lr", "tokens_per_s", "step_time", "loss_ce", "lam", "grad_norm"):
+        assert all(key in r for r in rows), key
+    assert "loss_dlm" in rows[-1] and "loss_dlm" not in rows[0]  # the curriculum turns DLM on at 25%
+    assert rows[5]["eval_loss"] > 0 and rows[-1]["eval_loss"] > 0
+    assert rows[-1]["lam"] == pytest.approx(12 / 60)
+    assert summary["last_loss"] < summary["first_loss"]
+    final = Path(summary["checkpoint"])
+    assert final.name == "final" and (final / ".metadata").is_file()
+    assert final.parent == tmp_path / "checkpoints" / summary["run_name"] / "unified_checkpoint" / "checkpoints"
+    assert (final.parent / "step_6").is_dir()
+    assert summary["run_name"].startswith("tiny-unified-adamw-lr0.003-b4-")
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    common = ["training.max_steps=8", "training.save_every=4", "training.eval_every=0", "experiment=resume-test"]
+    _, full = run(tmp_path / "a", *common)
+    step4 = Path(full["checkpoint"]).parent / "step_4"
+    _, resumed = run(tmp_path / "b", *common, f"training.resume.checkpoint_path={step4}")
+    a = {r["step"]: r["loss"] for r in metrics(full["run_dir"])}
+    b = {r["step"]: r["loss"] for r in metrics(resumed["run_dir"])}
+    assert sorted(b) == [5, 6, 7, 8]
+    assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]
+
+
+def test_resume_can_drop_optimizer_and_scheduler_state(tmp_path):
+    common = ["training.max_steps=4", "training.save_every=2", "training.eval_every=0", "experiment=fresh-opt"]
+    _, full = run(tmp_path / "a", *common)
+    step2 = Path(full["checkpoint"]).parent / "step_2"
+    trainer = Trainer(
+        config(
+            tmp_path / "b",
+            *common,
+            f"training.resume.checkpoint_path={step2}",
+            "training.resume.load_optimizer_state=false",
+            "training.resume.load_scheduler_state=false",
+        )
+    )
+    try:
+        assert trainer.step == 2 and not trainer.optimizer.state  # weights restored, fresh optimizer
+        assert trainer.lr_scheduler.last_epoch == 0
+    finally:
+        trainer.close()
+
+
+def test_fp_pretrain_trains_plain_linear_layers(tmp_path):
+    trainer, summary = run(tmp_path, "training=fp_pretrain", "training.max_steps=2", "training.eval_every=0")
+    assert not any(isinstance(m, BitLinear) for m in trainer.raw_model.modules())
+    assert "lam" not in metrics(summary["run_dir"])[-1]
+
+
+def test_stage1_subln_converts_and_saves_without_training(tmp_path):
+    trainer, summary = run(tmp_path, "training=stage1_subln")
+    assert summary["steps"] == 0 and Path(summary["checkpoint"]).name == "final"
+    assert trainer.raw_model.model.layers[0].self_attn.o_proj.subln is not None
+
+
+def test_cli_says_when_a_recipe_is_not_available_yet(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "wrinklefree.train", "training=stage3_distill", f"output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "not available yet" in proc.stderr and "unified" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_matches_one_rank_on_the_same_global_batch(tmp_path):
+    # CE only: the DLM masks are drawn per rank, so only CE is the same computation on both layouts
+    common = [
+        *TINY,
+        "training.max_steps=4",
+        "training.eval_every=0",
+        "training.save_every=2",
+        "training.objectives.dlm.weight=0",
+        "training.curriculum=[]",
+        "training.grad_accum=1",
+        "experiment=ranks",
+    ]
+    env = {**os.environ, "WF_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "wrinklefree.train", f"output_dir={tmp_path / 'one'}", *common, "training.batch_size=4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+         "wrinklefree.train", f"output_dir={tmp_path / 'two'}", *common, "training.batch_size=2",
+         "distributed=fsdp_multi"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = metrics(tmp_path / "one" / "runs" / "ranks")
+    b = metrics(tmp_path / "two" / "runs" / "ranks")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-4)
+    # every rank took part in the save, and the 2-rank checkpoint resumes
+    ckpt = tmp_path / "two" / "checkpoints" / "ranks" / "unified_checkpoint" / "checkpoints"
+    assert (ckpt / "step_2" / "trainer_rank1.pt").is_file()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m",
+         "wrinklefree.train", f"output_dir={tmp_path / 'three'}", *common, "training.batch_size=2",
+         "distributed=fsdp_multi", f"training.resume.checkpoint_path={ckpt / 'step_2'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c = metrics(tmp_path / "three" / "runs" / "ranks")
+    assert [r["step"] for r in c] == [3, 4]
+    for rc, rb in zip(c, b[2:], strict=True):
+        assert rc["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-5)
+    assert torch.distributed.is_available()
