@@ -158,6 +158,27 @@ def test_stage1_subln_converts_and_saves_without_training(tmp_path):
     assert trainer.raw_model.model.layers[0].self_attn.o_proj.subln is not None
 
 
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    common = ["training.max_steps=2", "training.eval_every=0", "training.objectives.dlm.weight=0", "experiment=ac"]
+    _, plain = run(tmp_path / "a", *common)
+    trainer, ckpt = run(tmp_path / "b", *common, "training.activation_checkpointing=true")
+    assert trainer.raw_model.is_activation_checkpointing
+    a, b = metrics(plain["run_dir"]), metrics(ckpt["run_dir"])
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+
+
+def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer, summary = run(
+        tmp_path, "training.max_steps=2", "training.eval_every=0", "training.logging.wandb.enabled=true"
+    )
+    runs = list((Path(summary["run_dir"]) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and trainer.logger.wandb_mode == "offline"
+    assert len(metrics(summary["run_dir"])) == 2  # the metrics file is written whatever else logs
+
+
 def test_cli_says_when_a_recipe_is_not_available_yet(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "wrinklefree.train", "training=stage3_distill", f"output_dir={tmp_path}"],
@@ -170,7 +191,8 @@ def test_cli_says_when_a_recipe_is_not_available_yet(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_matches_one_rank_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp_multi", "ddp"])
+def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, strategy):
     # CE only: the DLM masks are drawn per rank, so only CE is the same computation on both layouts
     common = [
         *TINY,
@@ -194,7 +216,7 @@ def test_two_rank_fsdp_matches_one_rank_on_the_same_global_batch(tmp_path):
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
          "wrinklefree.train", f"output_dir={tmp_path / 'two'}", *common, "training.batch_size=2",
-         "distributed=fsdp_multi"],
+         f"distributed={strategy}"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -212,7 +234,7 @@ def test_two_rank_fsdp_matches_one_rank_on_the_same_global_batch(tmp_path):
     resumed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m",
          "wrinklefree.train", f"output_dir={tmp_path / 'three'}", *common, "training.batch_size=2",
-         "distributed=fsdp_multi", f"training.resume.checkpoint_path={ckpt / 'step_2'}"],
+         f"distributed={strategy}", f"training.resume.checkpoint_path={ckpt / 'step_2'}"],
         capture_output=True,
         text=True,
         timeout=600,
