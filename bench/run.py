@@ -1,6 +1,7 @@
 """Kernel benchmark: every wrinklefree op against its plain-PyTorch reference and, for the matmuls,
 against torch's fp32 matmul, on the BitNet b1.58 2B4T shapes (DESIGN.md section 6); BitLinear
-(training forward+backward, packed inference) against torch.nn.Linear on the same shapes.
+(training forward+backward, packed inference) against torch.nn.Linear on the same shapes; and a
+whole training step of a converted Llama model against the same model in full precision.
 
     python bench/run.py [--quick] [--out PATH] [--threads N] [--isa avx512|avx2|scalar] [--kernels a,b]
 
@@ -62,6 +63,38 @@ PREFILL_GMACS = 400.0
 PREFILL_VS_FP32 = 3.0
 QUANT_BW_SHARE = 0.50
 TRAIN_TIME_VS_LINEAR = 1.15  # BitLinear forward+backward time over a bf16 nn.Linear's (GPU)
+TRAIN_STEP_VS_FULL = 1.15  # BitNet model's training step time over the same model's in bf16 (GPU)
+
+# Models of the train_step entry, built from these LlamaConfig arguments with random weights (no
+# download): "tiny" is configs/model/tiny.yaml, "smollm2_135m" has SmolLM2-135M's shape.
+TRAIN_STEP_MODELS = {
+    "tiny": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+    ),
+    "smollm2_135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=2048,
+    ),
+}
+# (batch, sequence length) of one step. On 2 CPU cores a step takes ~0.5 s (tiny) and ~2.7 s
+# (smollm2_135m); on a GPU the batch is a training batch.
+TRAIN_STEP_BATCH_CPU = {"tiny": (8, 256), "smollm2_135m": (1, 256)}
+TRAIN_STEP_BATCH_CUDA = {"tiny": (8, 1024), "smollm2_135m": (8, 2048)}
 
 
 @dataclass
@@ -82,13 +115,15 @@ class Case:
     shape: dict
     providers: dict[str, Provider]
     baseline: str  # provider the ratio column compares against
-    nbytes: int  # bytes moved per call in our formats: inputs + outputs
+    nbytes: int | None  # bytes moved per call in our formats: inputs + outputs (None: not modelled)
     macs: int | None = None  # multiply-adds per call, for matmuls
     memory_bound: bool = False  # report the share of the read bandwidth measured beside it
     stream_bytes: int | None = None  # bytes the share is computed from (default: nbytes)
     int8_matmul: bool = False  # our providers run the int8 matmul kernel: report their share of its peak
     mode: str = "forward"  # or "full": forward and backward
     device: str = "cpu"  # where the timed calls run; "cuda" synchronizes after each call
+    tokens: int | None = None  # tokens one call processes, for tokens/s (train_step)
+    min_reps: int | None = None  # at least this many timed calls, instead of Settings.min_reps
 
 
 @dataclass
@@ -170,6 +205,16 @@ def forward_backward(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
         y = layer(x)
     torch.autograd.grad(y, (x, layer.weight), grad_out)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor) -> None:
+    """One optimizer step of a causal LM: the loss is transformers' cross-entropy of the next
+    token (labels = input_ids). On CUDA the forward runs under bf16 autocast, as the trainer's."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=input_ids.is_cuda):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
 
 
 @torch.no_grad()
@@ -291,6 +336,44 @@ def bitlinear_packed_cases(s: Settings) -> Iterator[Case]:
                 stream_bytes=weight_bytes,
                 int8_matmul=True,
             )
+
+
+@register("train_step")
+def train_step_cases(s: Settings) -> Iterator[Case]:
+    from transformers import LlamaConfig, LlamaForCausalLM  # slow to import: only when asked for
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = "torch_bf16" if device == "cuda" else "torch_fp32"  # what autocast runs on CUDA
+    batches = TRAIN_STEP_BATCH_CUDA if device == "cuda" else TRAIN_STEP_BATCH_CPU
+    names = ["tiny"] if s.quick else list(TRAIN_STEP_MODELS)
+    for name in names:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            full = LlamaForCausalLM(LlamaConfig(**TRAIN_STEP_MODELS[name]))
+        # fully quantized (no schedule), from a copy holding the same weights
+        bitnet = wrinklefree.convert(copy.deepcopy(full), subln="standard", activation="relu2")
+        b, t = batches[name]
+        g = torch.Generator().manual_seed(b * 100_003 + t)
+        input_ids = torch.randint(0, full.config.vocab_size, (b, t), generator=g).to(device)
+        linear_weights = sum(m.weight.numel() for m in full.modules() if isinstance(m, nn.Linear))
+        providers = {}
+        for provider, model in (("wrinklefree", bitnet), (baseline, full)):
+            model.to(device).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # its state fills on the untimed call
+            providers[provider] = Provider(train_step, (model, optimizer, input_ids))
+        yield Case(
+            kernel="train_step",
+            shape={"model": name, "B": b, "T": t},
+            providers=providers,
+            baseline=baseline,
+            nbytes=None,
+            # the linear layers' (head included) forward, dx and dW; attention's matmuls not counted
+            macs=3 * b * t * linear_weights,
+            mode="full",
+            device=device,
+            tokens=b * t,
+            min_reps=3 if name == "smollm2_135m" else None,  # a CPU step takes ~3 s
+        )
 
 
 def _activation_ks() -> list[int]:
@@ -470,12 +553,13 @@ def run_case(case: Case, s: Settings, int8_peak: float) -> list[dict]:
     # Ours is timed between two bandwidth probes, since the VM's bandwidth drifts by minutes.
     order = sorted(names, key=lambda name: not name.startswith("wrinklefree"))
     timings: dict[str, Timing] = {}
+    settings = replace(s, min_reps=case.min_reps) if case.min_reps else s
     probes: list[float] = []
     for name in order:
         ours = case.memory_bound and name.startswith("wrinklefree")
         if ours:
             probes.append(probe_bandwidth(s))
-        timings[name] = time_provider(case.providers[name], s, case.device)
+        timings[name] = time_provider(case.providers[name], settings, case.device)
         if ours:
             probes.append(probe_bandwidth(s))
     bw = statistics.mean(probes) if probes else None
@@ -500,7 +584,9 @@ def run_case(case: Case, s: Settings, int8_peak: float) -> list[dict]:
                 "copies": t.copies,
                 "touched_mb": t.touched_bytes / 1e6,
                 "bytes": nbytes,
-                "gb_per_s": nbytes / t.median_s / 1e9,
+                "gb_per_s": nbytes / t.median_s / 1e9 if nbytes is not None else None,
+                "tokens": case.tokens,
+                "tokens_per_s": case.tokens / t.median_s if case.tokens else None,
                 "gmac_per_s": case.macs / t.median_s / 1e9 if case.macs else None,
                 # compute ceiling: the int8 multiply-add instruction's peak measured in this run
                 "pct_int8_peak": 100 * case.macs / t.median_s / int8_peak
@@ -592,6 +678,18 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
                 "" if on_gpu else "n/a on CPU (a GPU target, vs bf16)",
                 at_most=True,
             )
+        elif r["kernel"] == "train_step":
+            on_gpu = r["device"] == "cuda"
+            add(
+                "training step",
+                r,
+                1 / r["ratio"],
+                TRAIN_STEP_VS_FULL,
+                "x full precision",
+                on_gpu,
+                "" if on_gpu else "n/a on CPU (a GPU target, vs bf16)",
+                at_most=True,
+            )
         elif r["kernel"] in ("act_quant_int8", "rmsnorm_act_quant", "ternary_quant"):
             judged = r["bytes"] >= MIN_BW_TARGET_BYTES
             add(
@@ -630,8 +728,9 @@ def print_row(r: dict) -> None:
     print(
         f"{r['kernel']:<18} {r['provider']:<12} {shape_text(r['shape']):<28} "
         f"{r['median_ms']:>10.4f} {r['p20_ms']:>9.4f} {r['p80_ms']:>9.4f} "
-        f"{r['gb_per_s']:>7.2f} {fmt_num(r['gmac_per_s'], '8.1f'):>8} "
-        f"{fmt_num(r['read_bw_gb_per_s'], '8.1f'):>8} {fmt_num(r['pct_read_bw'], '5.1f'):>6} {ratio:>8}",
+        f"{fmt_num(r['gb_per_s'], '7.2f'):>7} {fmt_num(r['gmac_per_s'], '8.1f'):>8} "
+        f"{fmt_num(r['read_bw_gb_per_s'], '8.1f'):>8} {fmt_num(r['pct_read_bw'], '5.1f'):>6} {ratio:>8}"
+        + (f" {r['tokens_per_s']:>9.0f} tok/s" if r.get("tokens_per_s") else ""),
         flush=True,
     )
 
@@ -642,7 +741,7 @@ def print_targets(targets: list[dict]) -> None:
         verdict = {True: "MET", False: "not met", None: t["note"]}[t["met"]]
         goal = f"vs {t['goal_op']} {t['goal']:g}" if t["goal"] is not None else "  " + " " * 6
         print(
-            f"  {t['target']:<26} {t['kernel']:<18} {shape_text(t['shape']):<22} "
+            f"  {t['target']:<26} {t['kernel']:<18} {shape_text(t['shape']):<28} "
             f"{fmt_num(t['value'], '8.2f')} {goal} {t['unit']:<18} {verdict}"
         )
     judged = [t for t in targets if t["met"] is not None]
@@ -661,7 +760,11 @@ def cpu_model() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="few reps, no int64 reference matmul, i2_s only (< 60 s)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="few reps, no int64 reference matmul, i2_s only, train_step on tiny only (< 60 s)",
+    )
     ap.add_argument("--out", "--json", dest="out", default="bench/out/kernels.json", help="JSON output path")
     ap.add_argument("--threads", type=int, help="kernel threads (torch gets the same); default: all CPUs")
     ap.add_argument("--isa", choices=["avx512", "avx2", "scalar"], help="force the kernels' instruction set")
@@ -727,7 +830,7 @@ def main(argv: list[str] | None = None) -> None:
         f" | op call overhead {meta['call_overhead_us']['i2s_matmul']:.1f} us"
         f" (torch matmul {meta['call_overhead_us']['torch_fp32_matmul']:.1f} us)\n"
         "ratio = speedup over the case's baseline (torch's matmul or nn.Linear for matmuls and BitLinear, "
-        "reference otherwise); "
+        "the unconverted model for train_step, reference otherwise); "
         "% BW = share of the read bandwidth probed beside the timing (N=1 matmuls: packed weight bytes only;\n"
         "elsewhere inputs + outputs, so a kernel writing more than it reads, like unpack, can pass 100)\n"
     )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,26 @@ def run(out: Path, *overrides: str) -> tuple[Trainer, dict]:
 
 def metrics(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(out: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """``python -m wrinklefree.train`` (under torchrun for nproc > 1), one kernel thread per process."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+    ]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "wrinklefree.train", f"output_dir={out}", *overrides]
+    env = {**os.environ, "WF_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_default_config_composes_with_the_embedded_recipe():
@@ -180,12 +201,7 @@ def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
 
 
 def test_cli_says_when_a_recipe_is_not_available_yet(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "wrinklefree.train", "training=stage3_distill", f"output_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cli(tmp_path, "training=stage3_distill")
     assert proc.returncode == 2
     assert "not available yet" in proc.stderr and "unified" in proc.stderr
 
@@ -193,7 +209,8 @@ def test_cli_says_when_a_recipe_is_not_available_yet(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp_multi", "ddp"])
 def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, strategy):
-    # CE only: the DLM masks are drawn per rank, so only CE is the same computation on both layouts
+    # CE only: the DLM masks are drawn per rank, so only CE is the same computation on both layouts.
+    # One rank takes 4 sequences a step; two ranks take 1 each in each of 2 accumulated micro-batches.
     common = [
         *TINY,
         "training.max_steps=4",
@@ -201,27 +218,12 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, strategy):
         "training.save_every=2",
         "training.objectives.dlm.weight=0",
         "training.curriculum=[]",
-        "training.grad_accum=1",
         "experiment=ranks",
     ]
-    env = {**os.environ, "WF_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "wrinklefree.train", f"output_dir={tmp_path / 'one'}", *common, "training.batch_size=4"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    one = cli(tmp_path / "one", *common, "training.batch_size=4", "training.grad_accum=1")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
-         "wrinklefree.train", f"output_dir={tmp_path / 'two'}", *common, "training.batch_size=2",
-         f"distributed={strategy}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )  # fmt: skip
+    two_ranks = [*common, "training.batch_size=1", "training.grad_accum=2", f"distributed={strategy}"]
+    two = cli(tmp_path / "two", *two_ranks, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     a = metrics(tmp_path / "one" / "runs" / "ranks")
     b = metrics(tmp_path / "two" / "runs" / "ranks")
@@ -231,15 +233,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, strategy):
     # every rank took part in the save, and the 2-rank checkpoint resumes
     ckpt = tmp_path / "two" / "checkpoints" / "ranks" / "unified_checkpoint" / "checkpoints"
     assert (ckpt / "step_2" / "trainer_rank1.pt").is_file()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m",
-         "wrinklefree.train", f"output_dir={tmp_path / 'three'}", *common, "training.batch_size=2",
-         f"distributed={strategy}", f"training.resume.checkpoint_path={ckpt / 'step_2'}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )  # fmt: skip
+    resumed = cli(tmp_path / "three", *two_ranks, f"training.resume.checkpoint_path={ckpt / 'step_2'}", nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     c = metrics(tmp_path / "three" / "runs" / "ranks")
     assert [r["step"] for r in c] == [3, 4]
