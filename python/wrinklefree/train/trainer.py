@@ -164,6 +164,9 @@ class Trainer:
             self.logger = MetricsLogger(
                 self.run_dir, wandb_cfg=_plain(tcfg.logging.wandb), run_config=config_dict, name=self.run_name
             )
+        # ---- checkpoint discovery and remote mirror (training.init_from / remote_dir / hub_repo) ----
+        self._setup_checkpoints()
+        # ---- end of checkpoint discovery ----
         self._maybe_resume()
 
     # ---- setup helpers ----------------------------------------------------------------------
@@ -210,6 +213,14 @@ class Trainer:
         self.batch_size = best
         self.grad_accum = max(1, math.ceil(global_micro / best))
         self._print(f"auto batch size: {self.batch_size} x {self.grad_accum} accumulation steps")
+
+    def _setup_checkpoints(self) -> None:
+        """Mirror checkpoints to ``training.remote_dir`` and load ``training.init_from``'s weights (DESIGN.md
+        section 5). Here, after wrapping and before resume: see :func:`wrinklefree.train.discovery.setup_checkpoints`.
+        """
+        from wrinklefree.train.discovery import setup_checkpoints
+
+        setup_checkpoints(self.cfg, self.checkpoints, self.raw_model, self.run_name, log=self._print)
 
     def _maybe_resume(self) -> None:
         rcfg = self.cfg.training.resume
@@ -262,7 +273,9 @@ class Trainer:
         for micro in range(self.grad_accum):
             batch = self._next_batch()
             sync = micro == self.grad_accum - 1
-            no_sync = getattr(self.model, "no_sync", None)
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
+                self.model.set_requires_gradient_sync(sync)
+            no_sync = getattr(self.model, "no_sync", None)  # DDP
             ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
             with ctx:
                 with self._autocast():
