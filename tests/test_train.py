@@ -240,3 +240,20 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, strategy):
     for rc, rb in zip(c, b[2:], strict=True):
         assert rc["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-5)
     assert torch.distributed.is_available()
+
+
+def test_muon_with_qk_clip_and_zclip_train_through_the_trainer(tmp_path):
+    trainer, summary = run(
+        tmp_path,
+        "training.max_steps=3",
+        "training.eval_every=0",
+        "training.optimizer.type=muon",
+        "training.optimizer.lr=0.02",
+        "training.zclip.enabled=true",
+        "training.qk_clip.tau=1.0",  # low enough that every head gets clipped
+    )
+    assert type(trainer.optimizer).__name__ == "MuonAdamW" and trainer.qk_tracker is not None
+    assert trainer.zclip is not None
+    rows = metrics(summary["run_dir"])
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert summary["run_name"].startswith("tiny-unified-muon-lr0.02-")
