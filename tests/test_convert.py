@@ -9,24 +9,15 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_configs import TINY_SHAPE, VOCAB  # noqa: E402
+
 from wrinklefree import BitLinear, BitLinearLRC, QSparse, QuantSchedule, convert  # noqa: E402
 from wrinklefree.nn import bitlinear_modules, pack_model  # noqa: E402
-
-VOCAB = 300
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 
 
 def tiny(arch: str, **overrides):
     """A tiny causal LM of the given family, seeded."""
-    kw = dict(COMMON, **overrides)
+    kw = dict(TINY_SHAPE, **overrides)
     configs = {
         "llama": lambda: transformers.LlamaConfig(**kw),  # SmolLM2 is a Llama
         "qwen2": lambda: transformers.Qwen2Config(**kw),
@@ -114,7 +105,7 @@ def test_bad_arguments_and_unsupported_models():
 
 
 def test_convert_on_meta_device_then_materialize():
-    config = transformers.LlamaConfig(**COMMON)
+    config = transformers.LlamaConfig(**TINY_SHAPE)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     convert(model)

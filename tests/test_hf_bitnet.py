@@ -17,6 +17,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from tiny_configs import TINY_SHAPE, VOCAB  # noqa: E402
+
 from wrinklefree import BitLinear, BitLinearLRC, QuantSchedule, convert  # noqa: E402
 from wrinklefree.models.hf_bitnet import (  # noqa: E402
     bitnet_state_dict,
@@ -26,17 +28,6 @@ from wrinklefree.models.hf_bitnet import (  # noqa: E402
     unpack_hf_ternary,
 )
 from wrinklefree.nn import bitlinear_modules, pack_model  # noqa: E402
-
-VOCAB = 300
-SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +44,7 @@ def tokens(seed=1):
 
 def converted_llama(tie=False, **kw):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=tie, **kw)
+    config = transformers.LlamaConfig(**TINY_SHAPE, tie_word_embeddings=tie, **kw)
     return convert(transformers.LlamaForCausalLM(config), activation="relu2").eval()
 
 
@@ -81,7 +72,7 @@ def test_hf_packed_layout_round_trip_and_known_bytes():
 
 def test_loads_a_bitnet_state_dict_with_the_same_logits_unquantized():
     torch.manual_seed(0)
-    config = transformers.BitNetConfig(**SHAPE)
+    config = transformers.BitNetConfig(**TINY_SHAPE)
     theirs = transformers.BitNetForCausalLM(config).eval()  # plain nn.Linear: no quantization
     ours = load_bitnet(theirs.state_dict(), config, schedule=QuantSchedule(warmup_steps=10))  # lam = 0
     assert all(isinstance(m, BitLinear) for _, m in bitlinear_modules(ours))
@@ -132,7 +123,7 @@ def test_saved_packed_checkpoint_loads_in_transformers_with_the_same_logits(tmp_
 
 def test_qwen2_attention_bias_is_carried(tmp_path):
     torch.manual_seed(0)
-    model = convert(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SHAPE)).eval())
+    model = convert(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY_SHAPE)).eval())
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.bias.normal_()
     save_bitnet(model, tmp_path, packed=False)
@@ -144,18 +135,18 @@ def test_qwen2_attention_bias_is_carried(tmp_path):
 
 def test_models_bitnet_cannot_express_are_refused(tmp_path):
     torch.manual_seed(0)
-    qwen3 = convert(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE, head_dim=32)))
+    qwen3 = convert(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY_SHAPE, head_dim=32)))
     with pytest.raises(ValueError, match="q/k norms"):
         save_bitnet(qwen3, tmp_path)
-    no_subln = convert(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)), subln="none")
+    no_subln = convert(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_SHAPE)), subln="none")
     with pytest.raises(ValueError, match="subln='none'"):
         save_bitnet(no_subln, tmp_path)
-    lrc = convert(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)), lrc_rank=2)
+    lrc = convert(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_SHAPE)), lrc_rank=2)
     assert isinstance(lrc.model.layers[0].mlp.up_proj, BitLinearLRC)
     with pytest.raises(ValueError, match="LRC"):
         save_bitnet(lrc, tmp_path)
     with pytest.raises(ValueError, match="not converted"):
-        save_bitnet(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)), tmp_path)
+        save_bitnet(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_SHAPE)), tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -172,7 +163,7 @@ def test_load_errors_name_the_problem(tmp_path):
         load_bitnet(tmp_path)
     with pytest.raises(ValueError, match="needs config"):
         load_bitnet({})
-    config = transformers.BitNetConfig(**SHAPE)
+    config = transformers.BitNetConfig(**TINY_SHAPE)
     state = transformers.BitNetForCausalLM(config).state_dict()
     del state["model.layers.0.mlp.up_proj.weight"]
     with pytest.raises(KeyError, match="up_proj.weight"):
