@@ -65,19 +65,9 @@ QUANT_BW_SHARE = 0.50
 TRAIN_TIME_VS_LINEAR = 1.15  # BitLinear forward+backward time over a bf16 nn.Linear's (GPU)
 TRAIN_STEP_VS_FULL = 1.15  # BitNet model's training step time over the same model's in bf16 (GPU)
 
-# Models of the train_step entry, built from these LlamaConfig arguments with random weights (no
-# download): "tiny" is configs/model/tiny.yaml, "smollm2_135m" has SmolLM2-135M's shape.
+# Models of the train_step entry, built with random weights (no download): "tiny" is read from
+# configs/model/tiny.yaml (the embedded default's model), "smollm2_135m" has SmolLM2-135M's shape.
 TRAIN_STEP_MODELS = {
-    "tiny": dict(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=1024,
-    ),
     "smollm2_135m": dict(
         vocab_size=49152,
         hidden_size=576,
@@ -338,6 +328,20 @@ def bitlinear_packed_cases(s: Settings) -> Iterator[Case]:
             )
 
 
+def tiny_model_shape() -> dict:
+    """The LlamaConfig arguments of configs/model/tiny.yaml, with the built-in tokenizer's vocabulary."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    configs = files("wrinklefree.configs")
+    shape = OmegaConf.to_container(OmegaConf.create((configs / "model" / "tiny.yaml").read_text()).config)
+    if shape.pop("model_type") != "llama":
+        raise ValueError("configs/model/tiny.yaml is no longer a llama; update the train_step bench")
+    vocab = OmegaConf.create((configs / "data" / "builtin.yaml").read_text()).vocab_size
+    return {**shape, "vocab_size": vocab}
+
+
 @register("train_step")
 def train_step_cases(s: Settings) -> Iterator[Case]:
     from transformers import LlamaConfig, LlamaForCausalLM  # slow to import: only when asked for
@@ -345,11 +349,12 @@ def train_step_cases(s: Settings) -> Iterator[Case]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     baseline = "torch_bf16" if device == "cuda" else "torch_fp32"  # what autocast runs on CUDA
     batches = TRAIN_STEP_BATCH_CUDA if device == "cuda" else TRAIN_STEP_BATCH_CPU
-    names = ["tiny"] if s.quick else list(TRAIN_STEP_MODELS)
+    names = ["tiny"] if s.quick else ["tiny", *TRAIN_STEP_MODELS]
     for name in names:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            full = LlamaForCausalLM(LlamaConfig(**TRAIN_STEP_MODELS[name]))
+            shape = tiny_model_shape() if name == "tiny" else TRAIN_STEP_MODELS[name]
+            full = LlamaForCausalLM(LlamaConfig(**shape))
         # fully quantized (no schedule), from a copy holding the same weights
         bitnet = wrinklefree.convert(copy.deepcopy(full), subln="standard", activation="relu2")
         b, t = batches[name]

@@ -26,3 +26,10 @@ def threads():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def wf_cache_dir(tmp_path_factory, monkeypatch):
+    """Tokenizers and token caches go to one folder per test session, never to ~/.cache: trained once
+    per session, shared by the runs that need them."""
+    monkeypatch.setenv("WF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "wf-cache"))

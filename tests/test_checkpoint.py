@@ -11,13 +11,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+import huggingface_hub  # noqa: E402
 import pytest
 import torch
-
-pytest.importorskip("transformers")
-pytest.importorskip("hydra")
-
-import huggingface_hub  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 import transformers  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
@@ -429,12 +425,6 @@ TINY = [
     "training.grad_accum=1",
     "training.logging.wandb.enabled=false",
 ]
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path_factory, monkeypatch):
-    # one tokenizer/token cache for the whole module: trained once, reused by every run
-    monkeypatch.setenv("WF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "wf-cache"))
 
 
 def trainer(out: Path, *overrides: str) -> Trainer:

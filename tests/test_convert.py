@@ -5,11 +5,9 @@ import tempfile
 
 import pytest
 import torch
-from torch import nn
-
-transformers = pytest.importorskip("transformers")
-
+import transformers  # noqa: E402
 from tiny_configs import TINY_SHAPE, VOCAB  # noqa: E402
+from torch import nn
 
 from wrinklefree import BitLinear, BitLinearLRC, QSparse, QuantSchedule, convert  # noqa: E402
 from wrinklefree.nn import bitlinear_modules, pack_model  # noqa: E402
@@ -119,11 +117,12 @@ def test_convert_on_meta_device_then_materialize():
 
 
 def test_convert_then_fsdp2_matches_unsharded():
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.fsdp import fully_shard
+    import torch.distributed as dist
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
+    from torch.distributed.fsdp import fully_shard
+
     model = convert(tiny("llama"))
     reference = copy.deepcopy(model)
     with tempfile.NamedTemporaryFile() as f:

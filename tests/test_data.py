@@ -375,7 +375,7 @@ def test_local_files_txt_jsonl(tmp_path):
 
 
 def test_local_files_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow", reason="parquet sources need pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["alpha", "", "beta"], "n": [1, 2, 3]}), tmp_path / "d.parquet")
@@ -397,7 +397,8 @@ def test_local_files_errors(tmp_path):
 
 
 def test_hf_dataset_source_on_local_files(tok, tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets", reason="HFDatasetSource needs the datasets package")
+    import datasets
+
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     docs = numbered_docs(20)
     path = tmp_path / "data.jsonl"

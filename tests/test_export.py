@@ -4,12 +4,11 @@ import copy
 import json
 import os
 
+import gguf  # noqa: E402
 import numpy as np
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+import transformers  # noqa: E402
 
 from wrinklefree import convert, ops  # noqa: E402
 from wrinklefree.data import get_tokenizer  # noqa: E402

@@ -13,10 +13,7 @@ import copy
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
-
+import transformers  # noqa: E402
 from tiny_configs import TINY_SHAPE, VOCAB  # noqa: E402
 
 from wrinklefree import BitLinear, BitLinearLRC, QuantSchedule, convert  # noqa: E402

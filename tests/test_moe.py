@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers  # noqa: E402
 from torch import nn
 
 import wrinklefree
@@ -15,8 +16,6 @@ from wrinklefree.nn import (
     create_fake_moe_from_dense,
     verify_moe_matches_dense,
 )
-
-transformers = pytest.importorskip("transformers")
 
 H, I, VOCAB = 128, 256, 300
 

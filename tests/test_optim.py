@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+import transformers  # noqa: E402
 from torch import nn
 
 from wrinklefree.train.muon import MaxLogitTracker, find_attention_layers, newton_schulz, qk_clip
@@ -18,8 +19,6 @@ from wrinklefree.train.optim import (
     build_optimizer,
     split_params,
 )
-
-transformers = pytest.importorskip("transformers")
 
 MUON_CFG = {"type": "muon", "lr": 0.02, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8}
 

@@ -2,14 +2,13 @@
 
 import struct
 
+import gguf  # noqa: E402
 import numpy as np
 import pytest
 import torch
 
 from wrinklefree import _C, ops
 from wrinklefree.ops import reference
-
-gguf = pytest.importorskip("gguf")
 
 
 def random_codes(m, k):

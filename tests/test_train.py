@@ -9,10 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-pytest.importorskip("hydra")
-pytest.importorskip("transformers")
-
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.errors import ConfigCompositionException  # noqa: E402
 
@@ -35,12 +31,6 @@ TINY = [
     "training.eval_batches=2",
     "training.logging.wandb.enabled=false",
 ]
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path_factory, monkeypatch):
-    # one tokenizer/token cache for the whole module: trained once, reused by every run
-    monkeypatch.setenv("WF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "wf-cache"))
 
 
 def config(out: Path, *overrides: str):
@@ -189,7 +179,6 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 
 
 def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     trainer, summary = run(

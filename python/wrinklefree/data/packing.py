@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wrinklefree.data.cache import atomic_path, cache_root, short_hash
+from wrinklefree.atomic import atomic_path
+from wrinklefree.data.cache import cache_root, short_hash
 from wrinklefree.data.sources import Source
 
 # Bump when the token cache's layout or the tokenization rules change: it is part of the cache key.

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wrinklefree.data.cache import atomic_path, cache_root, short_hash
+from wrinklefree.atomic import atomic_path
+from wrinklefree.data.cache import cache_root, short_hash
 from wrinklefree.data.corpus import builtin_corpus, corpus_key
 
 if TYPE_CHECKING:

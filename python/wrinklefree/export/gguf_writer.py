@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from wrinklefree import ops
+from wrinklefree.atomic import atomic_path
 from wrinklefree.models.convert import model_type
-from wrinklefree.models.hf_bitnet import _atomic_write, load_bitnet
+from wrinklefree.models.hf_bitnet import load_bitnet
 from wrinklefree.nn import BitLinear, BitLinearLRC
 
 OUTTYPES = ("i2_s", "tq2_0", "tq1_0", "f16")
@@ -315,6 +316,6 @@ def export_gguf(
     model, path = _load(model_or_path)
     tokenizer = _tokenizer(tokenizer, path)
     outfile = Path(outfile)
-    outfile.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(outfile, lambda tmp: _write(tmp, model, outtype, tokenizer))
+    with atomic_path(outfile) as tmp:
+        _write(tmp, model, outtype, tokenizer)
     return outfile

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wrinklefree.atomic import atomic_path
 from wrinklefree.models.convert import convert, model_type
 from wrinklefree.nn import BitLinear, BitLinearLRC, QuantSchedule, bitlinear_modules
 
@@ -120,11 +120,7 @@ def bitnet_config(model: nn.Module, *, packed: bool = True):
             raise ValueError(f"save_bitnet: packed layers need out_features % 4 == 0, got {m.out_features}")
 
     fields = {k: getattr(src, k) for k in _CONFIG_FIELDS if hasattr(src, k)}
-    fields["attention_bias"] = any(
-        getattr(m, "bias", None) is not None
-        for n, m in model.named_modules()
-        if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
-    )
+    fields["attention_bias"] = _attention_bias(model)
     config = BitNetConfig(**fields)
     config.quantization_config = {
         "quant_method": "bitnet",
@@ -136,10 +132,19 @@ def bitnet_config(model: nn.Module, *, packed: bool = True):
     return config
 
 
+_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _attention_bias(model: nn.Module) -> bool:
+    """Whether any attention projection has a bias (then transformers' BitNet gives all four one)."""
+    projections = (m for n, m in model.named_modules() if n.endswith(_ATTENTION_PROJECTIONS))
+    return any(getattr(m, "bias", None) is not None for m in projections)
+
+
 def bitnet_state_dict(model: nn.Module, *, packed: bool = True) -> dict[str, Tensor]:
     """``model``'s weights under transformers BitNet names; see the module docstring for the layout."""
     layers = dict(bitlinear_modules(model))
-    attention_bias = bitnet_config(model, packed=packed).attention_bias
+    attention_bias = _attention_bias(model)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")
@@ -164,23 +169,11 @@ def bitnet_state_dict(model: nn.Module, *, packed: bool = True) -> dict[str, Ten
             out[f"{name}.weight"] = layer.weight.detach()
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.detach()
-        elif attention_bias and name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")):
+        elif attention_bias and name.endswith(_ATTENTION_PROJECTIONS):
             out[f"{name}.bias"] = torch.zeros(layer.out_features, dtype=torch.float32)
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)  # tied to the embedding; transformers re-ties on load
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_bitnet(model: nn.Module, path: str | os.PathLike, *, packed: bool = True) -> Path:
@@ -201,9 +194,10 @@ def save_bitnet(model: nn.Module, path: str | os.PathLike, *, packed: bool = Tru
     tensors = bitnet_state_dict(model, packed=packed)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(path / "config.json") as tmp:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -91,20 +91,29 @@ class BitLinear(nn.Linear):
 
     # ---- forward ------------------------------------------------------------------------------
 
-    def _input(self, x: Tensor) -> Tensor:
-        """The unquantized input the matmul sees: after SubLN and Q-Sparse."""
-        if self.subln is not None:
-            x = self.subln(x)
-        if self.qsparse is not None:
-            x = self.qsparse(x)
-        return x
-
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input last dim must be {self.in_features}, got {tuple(x.shape)}")
-        if self.packed is not None:
-            return self._forward_packed(x)
-        h = self._input(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.is_packed and self.subln is not None and self.qsparse is None:
+            # inference: SubLN and the int8 quantization in one pass (the fused kernel op)
+            x2 = x.detach().reshape(-1, self.in_features).contiguous()
+            q, x_scale = ops.rmsnorm_act_quant(_kernel_dtype(x2), self.subln.weight.detach(), self.subln.eps)
+            return self._packed_matmul(q, x_scale, x)
+        h = self.subln(x) if self.subln is not None else x
+        return self._ternary_linear(h)
+
+    def _ternary_linear(self, h: Tensor) -> Tensor:
+        """The matmul on an already normalized input ``h`` [..., in]: Q-Sparse, then the fake-quantized
+        product (training) or the packed kernel (inference)."""
+        if self.qsparse is not None:
+            h = self.qsparse(h)
+        if self.is_packed:
+            h2 = _kernel_dtype(h.detach().reshape(-1, self.in_features).contiguous())
+            q, x_scale = ops.act_quant_int8(h2)
+            return self._packed_matmul(q, x_scale, h)
         lam = self.lam
         return F.linear(act_fake_quant(h, lam), ternary_fake_quant(self.weight, lam), self.bias)
 
@@ -176,25 +185,26 @@ class BitLinear(nn.Linear):
             return codes[:, : self.in_features].to(self.packed.device), scale.to(self.packed.device)
         return ops.ternary_quant(self.weight.detach().contiguous())
 
-    def _forward_packed(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        h = self._input(x.detach()).reshape(-1, self.in_features)
-        if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            h = h.to(torch.float32)
-        q, x_scale = ops.act_quant_int8(h.contiguous())
+    def _packed_matmul(self, q: Tensor, x_scale: Tensor, like: Tensor) -> Tensor:
+        """int8 rows ``q`` [N, in] times the packed weight, plus bias; shaped and typed like ``like``."""
         pad = self.padded_in_features - self.in_features
         if pad:
             q = F.pad(q, (0, pad))
         y = ops.i2s_matmul(q, x_scale, self.packed, self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y.to(like.dtype).reshape(*like.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         if self.is_packed:
             s += ", packed=i2_s"
         return s
+
+
+def _kernel_dtype(x: Tensor) -> Tensor:
+    """``x`` in a dtype the kernels take (float32, bfloat16, float16)."""
+    return x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.to(torch.float32)
 
 
 class BitLinearLRC(BitLinear):
@@ -241,8 +251,9 @@ class BitLinearLRC(BitLinear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
-        h = self.subln(x) if self.subln is not None else x
+        self._check_input(x)
+        h = self.subln(x) if self.subln is not None else x  # normalized once, for both paths
+        y = self._ternary_linear(h)
         return y + F.linear(F.linear(h.to(self.lrc_v.dtype), self.lrc_v), self.lrc_u).to(y.dtype)
 
     def extra_repr(self) -> str:

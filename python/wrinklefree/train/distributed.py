@@ -110,7 +110,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (a no-op without a process group)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
-        if dist.get_backend() != "nccl":
-            value /= dist.get_world_size()
+        dist.all_reduce(value)  # SUM: the one reduction every backend has
+        value /= dist.get_world_size()
     return value

@@ -303,14 +303,22 @@ class Trainer:
             self.schedule.step()
         self.step += 1
         self.tokens_seen += self.global_batch * self.seq_len
-        metrics = {"loss": distributed.all_reduce_mean(loss_sum / self.grad_accum).item()}
+        # Device tensors: reading them waits for the GPU, so that happens on logged steps only (log_metrics).
+        metrics: dict[str, Any] = {"loss": loss_sum / self.grad_accum}
         for k, v in totals.items():
-            metrics[f"loss_{k}"] = distributed.all_reduce_mean(v / self.grad_accum).item()
+            metrics[f"loss_{k}"] = v / self.grad_accum
+        metrics["grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         metrics["lr"] = lr
-        metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if self.schedule is not None:
-            metrics["lam"] = float(self.schedule.lam)
+            metrics["lam"] = float(self.schedule.lam)  # a CPU tensor: no device sync
         return metrics
+
+    @staticmethod
+    def log_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` with its device tensors averaged over ranks (one all-reduce) and read as floats."""
+        keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        values = distributed.all_reduce_mean(torch.stack([metrics[k].detach().float() for k in keys])).tolist()
+        return {**metrics, **dict(zip(keys, values, strict=True))}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -353,7 +361,7 @@ class Trainer:
             f"batch {self.batch_size} x {self.grad_accum} accum x {self.ctx.world_size} ranks x {self.seq_len} tokens"
         )
         first_loss = None
-        recent: list[float] = []  # the headline loss (CE) of the last steps, for a smoothed final figure
+        recent: list[float] = []  # the headline loss (CE) of the last logged steps, for a smoothed final figure
         eval_loss = None
         bar = None
         if self.ctx.is_main and self.max_steps > self.step:
@@ -368,16 +376,18 @@ class Trainer:
                 metrics = self.train_step()
                 step_time = time.perf_counter() - t0
                 window_tokens += self.global_batch * self.seq_len
-                if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
-                headline = metrics.get("loss_ce", metrics["loss"])
-                first_loss = headline if first_loss is None else first_loss
-                recent = (recent + [headline])[-max(10, self.max_steps // 10) :]
-                tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{headline:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                if self.step % tcfg.log_every == 0 or self.step == self.max_steps:
+                if self.step == 1 or self.step % tcfg.log_every == 0 or self.step == self.max_steps:
+                    metrics = self.log_metrics(metrics)
+                    if not math.isfinite(metrics["loss"]):
+                        raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
+                    headline = metrics.get("loss_ce", metrics["loss"])
+                    first_loss = headline if first_loss is None else first_loss
+                    recent = (recent + [headline])[-10:]
+                    tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{headline:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     metrics.update(tokens_per_s=tok_s, step_time=step_time, tokens=self.tokens_seen)
                     if self.has_eval and tcfg.eval_every and self.step % tcfg.eval_every == 0:
                         eval_loss = metrics["eval_loss"] = self.evaluate()
@@ -410,7 +420,7 @@ class Trainer:
         if not self.ctx.is_main:
             return
         losses = (
-            f"train CE {s['first_loss']:.3f} (step 1) -> {s['last_loss']:.3f} (mean of the last steps)"
+            f"train CE {s['first_loss']:.3f} (step 1) -> {s['last_loss']:.3f} (mean of the last logged steps)"
             if s["first_loss"] is not None
             else "no steps"
         )
