@@ -523,6 +523,7 @@ def _fsdp2_worker(rank, world_size, init_file, out_file, cfgs, steps):
             results.append(full_params(model))  # full_tensor() is a collective: every rank calls it
         if rank == 0:
             torch.save(results, out_file)
+        dist.barrier()  # no rank hangs up while the other still talks (gloo aborts on that)
     finally:
         dist.destroy_process_group()
 

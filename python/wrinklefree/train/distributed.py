@@ -67,6 +67,10 @@ def setup(strategy: str, device_preference: str, backend: str = "auto") -> DistC
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Every rank reaches this point before any closes its connections: gloo aborts a process
+        # ("terminate called without an active exception") when a peer hangs up mid-operation.
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
