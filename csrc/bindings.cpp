@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu/engine.h"
 #include "cpu/formats.h"
 #include "cpu/isa.h"
 #include "cpu/ops.h"
@@ -21,6 +22,25 @@ T* ptr(uintptr_t p) {
 DType dtype(int code) {
   if (code < 0 || code > 2) wf::fail("dtype code must be 0 (f32), 1 (bf16) or 2 (f16), got " + std::to_string(code));
   return DType(code);
+}
+
+py::object to_python(const wf::gguf::Value& v) {
+  using T = wf::gguf::ValueType;
+  switch (v.type) {
+    case T::BOOL: return py::bool_(v.i != 0);
+    case T::F32: case T::F64: return py::float_(v.f);
+    case T::STRING: {
+      PyObject* s = PyUnicode_DecodeUTF8(v.s.data(), Py_ssize_t(v.s.size()), "replace");
+      if (!s) throw py::error_already_set();
+      return py::reinterpret_steal<py::object>(s);
+    }
+    case T::ARRAY: {
+      py::list out(v.arr.size());
+      for (size_t i = 0; i < v.arr.size(); ++i) out[i] = to_python(v.arr[i]);
+      return std::move(out);
+    }
+    default: return py::int_(v.i);
+  }
 }
 
 }  // namespace
@@ -106,4 +126,37 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &wf::set_num_threads);
   m.def("read_bandwidth", &wf::read_bandwidth, py::arg("nbytes"), py::arg("reps"), release());
   m.def("int8_mac_rate", &wf::int8_mac_rate, py::arg("seconds"), release());
+
+  using wf::engine::Model;
+  py::class_<Model>(m, "Engine", "The CPU inference engine over a GGUF file (use wrinklefree.inference.Engine)")
+      .def(py::init<const std::string&, int64_t, const std::string&>(), py::arg("path"), py::arg("n_ctx"),
+           py::arg("head"), release())
+      .def("metadata",
+           [](const Model& e) {
+             py::dict d;
+             for (const auto& [key, value] : e.file().metadata()) d[py::str(key)] = to_python(value);
+             return d;
+           })
+      .def("tensors",
+           [](const Model& e) {
+             py::list out;
+             for (const auto& t : e.file().tensors())
+               out.append(py::make_tuple(t.name, wf::gguf::type_name(t.type), t.ne, t.nbytes));
+             return out;
+           })
+      .def_property_readonly("arch", [](const Model& e) { return e.hparams().arch; })
+      .def_property_readonly("n_vocab", [](const Model& e) { return e.hparams().n_vocab; })
+      .def_property_readonly("n_embd", [](const Model& e) { return e.hparams().n_embd; })
+      .def_property_readonly("n_layer", [](const Model& e) { return e.hparams().n_layer; })
+      .def_property_readonly("n_ctx", &Model::n_ctx)
+      .def_property_readonly("n_past", &Model::n_past)
+      .def_property_readonly("file_bytes", [](const Model& e) { return e.file().size(); })
+      .def(
+          "eval",
+          [](Model& e, const std::vector<int32_t>& tokens, uintptr_t out, bool all_logits) {
+            py::gil_scoped_release nogil;
+            e.eval(tokens.data(), int64_t(tokens.size()), ptr<float>(out), all_logits);
+          },
+          py::arg("tokens"), py::arg("out"), py::arg("all_logits") = false)
+      .def("truncate", &Model::truncate, py::arg("n"));
 }

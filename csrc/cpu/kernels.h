@@ -31,6 +31,19 @@ struct Kernels {
   void (*i2s_gemm)(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
                    const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo);
 
+  // Float kernels of the inference engine (csrc/cpu/engine.cpp); tolerance-exact, not bit-exact
+  // across ISAs.
+  // out[n * ldo + m] = sum_k x[n * K + k] * W[m * K + k] for m in [m0, m1); W is fp16.
+  void (*f16_gemm)(const float* x, int64_t N, int64_t K, const uint16_t* W, int64_t m0, int64_t m1, float* out,
+                   int64_t ldo);
+  // int8 weights with a scale per row: out[n * ldo + m] = float(D) / x_scale[n] * w_scale[m] with
+  // D = sum_k q[n, k] * W[m, k], computed in int32. xu holds q + 128 as unsigned bytes (N rows of K)
+  // and wsum[m] = sum_k W[m, k], so that D = sum_k xu * W - 128 * wsum.
+  void (*i8_gemm)(const uint8_t* xu, const float* x_scale, int64_t N, int64_t K, const int8_t* W,
+                  const float* w_scale, const int32_t* wsum, int64_t m0, int64_t m1, float* out, int64_t ldo);
+  float (*dot_f32)(const float* a, const float* b, int64_t n);
+  void (*axpy_f32)(float a, const float* x, float* y, int64_t n);  // y += a * x
+
   // Reads n bytes (n % 256 == 0) and returns a value that depends on all of them; for measuring
   // read bandwidth.
   uint64_t (*read_bytes)(const uint8_t* p, int64_t n);

@@ -422,6 +422,104 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
                 });
 }
 
+// ---- engine float kernels -----------------------------------------------------------------------
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return hsum(_mm512_add_ps(s0, s1));
+}
+
+void axpy_f32(float a, const float* x, float* y, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+// Four weight rows at a time against each activation row: the fp16 weights are read once per
+// activation row (N is 1 when decoding, where the head streams at memory speed).
+void f16_gemm(const float* x, int64_t N, int64_t K, const uint16_t* W, int64_t m0, int64_t m1, float* out,
+              int64_t ldo) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) {
+    const uint16_t* w0 = W + m * K;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* xr = x + n * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = K - k >= 16 ? __mmask16(0xffff) : tail_mask(K - k);
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, xr + k);
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, w0 + k)), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, w0 + K + k)), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, w0 + 2 * K + k)), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, w0 + 3 * K + k)), xv, a3);
+      }
+      float* o = out + n * ldo + m;
+      o[0] = hsum(a0);
+      o[1] = hsum(a1);
+      o[2] = hsum(a2);
+      o[3] = hsum(a3);
+    }
+  }
+  for (; m < m1; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      __m512 a0 = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = K - k >= 16 ? __mmask16(0xffff) : tail_mask(K - k);
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, W + m * K + k)),
+                             _mm512_maskz_loadu_ps(mk, x + n * K + k), a0);
+      }
+      out[n * ldo + m] = hsum(a0);
+    }
+}
+
+void i8_gemm(const uint8_t* xu, const float* x_scale, int64_t N, int64_t K, const int8_t* W, const float* w_scale,
+             const int32_t* wsum, int64_t m0, int64_t m1, float* out, int64_t ldo) {
+  auto mask64 = [&](int64_t k) { return K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1; };
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) {
+    const int8_t* w0 = W + m * K;
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* xr = xu + n * K;
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 mk = mask64(k);
+        const __m512i xv = _mm512_maskz_loadu_epi8(mk, xr + k);
+        a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_maskz_loadu_epi8(mk, w0 + k));
+        a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_maskz_loadu_epi8(mk, w0 + K + k));
+        a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_maskz_loadu_epi8(mk, w0 + 2 * K + k));
+        a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_maskz_loadu_epi8(mk, w0 + 3 * K + k));
+      }
+      const int32_t d[4] = {_mm512_reduce_add_epi32(a0), _mm512_reduce_add_epi32(a1), _mm512_reduce_add_epi32(a2),
+                            _mm512_reduce_add_epi32(a3)};
+      for (int j = 0; j < 4; ++j)
+        out[n * ldo + m + j] = float(d[j] - 128 * wsum[m + j]) / x_scale[n] * w_scale[m + j];
+    }
+  }
+  for (; m < m1; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      __m512i a0 = _mm512_setzero_si512();
+      for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 mk = mask64(k);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_maskz_loadu_epi8(mk, xu + n * K + k),
+                                 _mm512_maskz_loadu_epi8(mk, W + m * K + k));
+      }
+      out[n * ldo + m] = float(_mm512_reduce_add_epi32(a0) - 128 * wsum[m]) / x_scale[n] * w_scale[m];
+    }
+}
+
 uint64_t read_bytes(const uint8_t* p, int64_t n) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t i = 0; i < n; i += 256) {
@@ -461,8 +559,9 @@ int64_t int8_macs(int64_t iters) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{"avx512",        lane_sum, ternary_round, act_quant_row, norm_quant_row,
-                         i2s_prepare_row, i2s_gemm, read_bytes,    int8_macs};
+  static const Kernels k{"avx512",       lane_sum,        ternary_round, act_quant_row, norm_quant_row,
+                         i2s_prepare_row, i2s_gemm,        f16_gemm,      i8_gemm,       dot_f32,
+                         axpy_f32,        read_bytes,      int8_macs};
   return k;
 }
 

@@ -1,0 +1,386 @@
+#include "cpu/engine.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#include "cpu/common.h"
+#include "cpu/formats.h"
+#include "cpu/isa.h"
+#include "cpu/ops.h"
+#include "cpu/threadpool.h"
+
+namespace wf::engine {
+namespace {
+
+using gguf::TensorInfo;
+
+std::string layer_tensor(int64_t il, const char* name) { return "blk." + std::to_string(il) + "." + name; }
+
+std::string shape_str(const std::vector<int64_t>& ne) {
+  std::string s = "[";
+  for (size_t i = 0; i < ne.size(); ++i) s += (i ? ", " : "") + std::to_string(ne[i]);
+  return s + "]";
+}
+
+// RMSNorm of N rows of K floats into out (float32), inv_rms computed in double as in the ops.
+void rms_norm(const float* x, const float* w, int64_t N, int64_t K, double eps, float* out) {
+  for (int64_t n = 0; n < N; ++n) {
+    double ss = 0.0;
+    for (int64_t k = 0; k < K; ++k) ss += double(x[n * K + k]) * double(x[n * K + k]);
+    const float inv = float(1.0 / std::sqrt(ss / double(K) + eps));
+    for (int64_t k = 0; k < K; ++k) out[n * K + k] = (x[n * K + k] * inv) * w[k];
+  }
+}
+
+// One ternary projection of N quantized rows: out[N, M].
+void project(const Projection& p, const int8_t* q, const float* scale, int64_t N, float* out) {
+  i2s_matmul(q, scale, N, p.K, p.packed, p.M * p.K / 4 + 32, p.M, out);
+  if (p.post_scale != 1.0f)
+    for (int64_t i = 0; i < N * p.M; ++i) out[i] *= p.post_scale;
+}
+
+}  // namespace
+
+Model::Model(const std::string& path, int64_t n_ctx, const std::string& head) {
+  if (head != "f16" && head != "int8") fail("head must be 'f16' or 'int8', got '" + head + "'");
+  if (n_ctx < 0) fail("n_ctx must be >= 0, got " + std::to_string(n_ctx));
+  file_ = std::make_unique<gguf::File>(path);
+  load_hparams();
+  n_ctx_ = n_ctx ? n_ctx : hp_.context_length;
+  if (n_ctx_ < 1) fail("n_ctx must be >= 1 (the file gives no context length)");
+  load_weights(head);
+  kv_bytes_ = size_t(hp_.n_layer) * 2 * size_t(hp_.n_head_kv) * size_t(n_ctx_) * size_t(hp_.head_dim) * 4;
+  // Anonymous pages are zero and take memory only once written: a long context costs nothing
+  // until it is used.
+  void* p = ::mmap(nullptr, std::max<size_t>(kv_bytes_, 1), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  kv_ = static_cast<float*>(p);
+}
+
+Model::~Model() {
+  if (kv_) ::munmap(kv_, std::max<size_t>(kv_bytes_, 1));
+}
+
+void Model::load_hparams() {
+  const gguf::File& f = *file_;
+  hp_.arch = f.get_string("general.architecture");
+  if (hp_.arch == "bitnet-b1.58") {
+    hp_.act = Activation::ReLU2;
+  } else if (hp_.arch == "bitnet") {
+    hp_.act = Activation::SiLU;
+  } else {
+    f.error("unsupported architecture '" + hp_.arch + "' (the engine runs bitnet-b1.58 and bitnet)");
+  }
+  const std::string a = hp_.arch + ".";
+  hp_.n_embd = f.get_int(a + "embedding_length");
+  hp_.n_layer = f.get_int(a + "block_count");
+  hp_.n_ff = f.get_int(a + "feed_forward_length");
+  hp_.n_head = f.get_int(a + "attention.head_count");
+  hp_.n_head_kv = f.get_int(a + "attention.head_count_kv", hp_.n_head);
+  hp_.context_length = f.get_int(a + "context_length", 0);
+  hp_.rms_eps = f.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5);
+  hp_.rope_base = f.get_float(a + "rope.freq_base", 10000.0);
+  auto positive = [&](const char* what, int64_t v) {
+    if (v < 1 || v > (int64_t(1) << 24)) f.error(std::string(what) + " must be in [1, 2^24], got " + std::to_string(v));
+  };
+  positive("embedding_length", hp_.n_embd);
+  positive("block_count", hp_.n_layer);
+  positive("feed_forward_length", hp_.n_ff);
+  positive("attention.head_count", hp_.n_head);
+  positive("attention.head_count_kv", hp_.n_head_kv);
+  if (hp_.n_embd % hp_.n_head || hp_.n_head % hp_.n_head_kv)
+    f.error("embedding_length " + std::to_string(hp_.n_embd) + ", head_count " + std::to_string(hp_.n_head) +
+            " and head_count_kv " + std::to_string(hp_.n_head_kv) + " do not divide evenly");
+  hp_.head_dim = hp_.n_embd / hp_.n_head;
+  hp_.n_rot = f.get_int(a + "rope.dimension_count", hp_.head_dim);
+  if (hp_.n_rot < 2 || hp_.n_rot > hp_.head_dim || hp_.n_rot % 2)
+    f.error("rope.dimension_count " + std::to_string(hp_.n_rot) + " must be even and at most the head size " +
+            std::to_string(hp_.head_dim));
+  if (!(hp_.rms_eps >= 0.0) || !(hp_.rope_base > 0.0)) f.error("bad layer_norm_rms_epsilon or rope.freq_base");
+  // As transformers computes it: inv_freq = 1 / base^(2i / n_rot), in float32.
+  for (int64_t i = 0; i < hp_.n_rot / 2; ++i)
+    inv_freq_.push_back(1.0f / std::pow(float(hp_.rope_base), float(2 * i) / float(hp_.n_rot)));
+}
+
+const float* Model::norm(const std::string& name, int64_t n) {
+  const TensorInfo* t = file_->tensor(name);
+  if (!t) file_->error("missing tensor " + name);
+  if (t->type != gguf::kF32 || t->n_elements() != n)
+    file_->error("tensor " + name + " must be F32 with " + std::to_string(n) + " values, got " +
+                 gguf::type_name(t->type) + " " + shape_str(t->ne));
+  if (reinterpret_cast<uintptr_t>(t->data) % alignof(float)) file_->error("tensor " + name + " is misaligned");
+  return reinterpret_cast<const float*>(t->data);
+}
+
+Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
+  const gguf::File& f = *file_;
+  const TensorInfo* t = f.tensor(name);
+  if (!t) f.error("missing tensor " + name);
+  if (t->ne.size() != 2 || t->ne[0] != K || t->ne[1] != M)
+    f.error("tensor " + name + " must have shape [" + std::to_string(K) + ", " + std::to_string(M) +
+            "] (ggml order), got " + shape_str(t->ne));
+  Projection p;
+  p.M = M;
+  p.K = K;
+  float extra = 1.0f;  // llama.cpp's optional per-tensor scale, multiplied into the output
+  const std::string scale_name = name.substr(0, name.size() - std::string("weight").size()) + "scale";
+  if (const TensorInfo* s = f.tensor(scale_name)) {
+    if (s->type != gguf::kF32 || s->n_elements() != 1) f.error("tensor " + scale_name + " must be one F32 value");
+    std::memcpy(&extra, s->data, 4);
+  }
+  if (t->type == gguf::kI2_S) {
+    p.packed = t->data;
+    p.post_scale = extra;
+    return p;
+  }
+  const char* fmt = t->type == gguf::kTQ2_0 ? "tq2_0" : t->type == gguf::kTQ1_0 ? "tq1_0" : nullptr;
+  if (!fmt)
+    f.error("tensor " + name + " has type " + gguf::type_name(t->type) +
+            "; the engine runs ternary projections in I2_S, TQ2_0 or TQ1_0");
+  // Repack to I2_S, which keeps one scale for the tensor: every block scale must be that scale
+  // (or 0, for a block of zeros, as ggml's quantizer writes it).
+  const FormatInfo& fi = format_info(fmt);
+  std::vector<int8_t> codes(size_t(M * K));
+  std::vector<float> scales(size_t(M * K / fi.block_values));
+  unpack(fi, t->data, t->nbytes, M, K, codes.data(), scales.data());
+  float s = 0.0f;
+  for (float b : scales) {
+    if (b == 0.0f) continue;
+    if (s == 0.0f) s = b;
+    if (b != s)
+      f.error("tensor " + name + ": its " + fmt + " blocks have different scales (" + std::to_string(s) + ", " +
+              std::to_string(b) + "); the engine needs one scale per tensor, as BitNet models have");
+  }
+  if (s == 0.0f) s = 1.0f;  // all zeros
+  s *= extra;
+  const FormatInfo& i2s = format_info("i2_s");
+  p.owned.resize(size_t(packed_bytes(i2s, M, K)));
+  wf::pack(i2s, codes.data(), M, K, &s, 1, p.owned.data());
+  p.packed = p.owned.data();
+  f.release(t->data, t->nbytes);
+  return p;
+}
+
+void Model::load_weights(const std::string& head) {
+  const gguf::File& f = *file_;
+  const int64_t D = hp_.n_embd, F = hp_.n_ff, KV = hp_.n_head_kv * hp_.head_dim;
+  const TensorInfo* emb = f.tensor("token_embd.weight");
+  if (!emb) f.error("missing tensor token_embd.weight");
+  if (emb->ne.size() != 2 || emb->ne[0] != D || (emb->type != gguf::kF16 && emb->type != gguf::kF32))
+    f.error("tensor token_embd.weight must be F16 or F32 with rows of " + std::to_string(D) + ", got " +
+            gguf::type_name(emb->type) + " " + shape_str(emb->ne));
+  hp_.n_vocab = emb->ne[1];
+  if (emb->type == gguf::kF16) embd_f16_ = reinterpret_cast<const uint16_t*>(emb->data);
+  else embd_f32_ = reinterpret_cast<const float*>(emb->data);
+  output_norm_ = norm("output_norm.weight", D);
+
+  const TensorInfo* out = f.tensor("output.weight");  // absent: tied to token_embd
+  if (out && (out->ne.size() != 2 || out->ne[0] != D || out->ne[1] != hp_.n_vocab ||
+              (out->type != gguf::kF16 && out->type != gguf::kF32)))
+    f.error("tensor output.weight must be F16 or F32 of shape [" + std::to_string(D) + ", " +
+            std::to_string(hp_.n_vocab) + "], got " + gguf::type_name(out->type) + " " + shape_str(out->ne));
+  const TensorInfo* h = out ? out : emb;
+  if (h->type == gguf::kF16) head_f16_ = reinterpret_cast<const uint16_t*>(h->data);
+  else head_f32_ = reinterpret_cast<const float*>(h->data);
+
+  layers_.resize(size_t(hp_.n_layer));
+  for (int64_t il = 0; il < hp_.n_layer; ++il) {
+    Layer& L = layers_[size_t(il)];
+    L.attn_norm = norm(layer_tensor(il, "attn_norm.weight"), D);
+    L.attn_sub_norm = norm(layer_tensor(il, "attn_sub_norm.weight"), D);
+    L.ffn_norm = norm(layer_tensor(il, "ffn_norm.weight"), D);
+    L.ffn_sub_norm = norm(layer_tensor(il, "ffn_sub_norm.weight"), F);
+    L.q = projection(layer_tensor(il, "attn_q.weight"), D, D);
+    L.k = projection(layer_tensor(il, "attn_k.weight"), KV, D);
+    L.v = projection(layer_tensor(il, "attn_v.weight"), KV, D);
+    L.o = projection(layer_tensor(il, "attn_output.weight"), D, D);
+    L.gate = projection(layer_tensor(il, "ffn_gate.weight"), F, D);
+    L.up = projection(layer_tensor(il, "ffn_up.weight"), F, D);
+    L.down = projection(layer_tensor(il, "ffn_down.weight"), D, F);
+  }
+
+  if (head == "int8") {
+    // Per row: scale = max|w| / 127, w8 = round-half-even(w / scale), and the row sum i8_gemm needs.
+    head_ = Head::Int8;
+    const int64_t V = hp_.n_vocab;
+    head_i8_.resize(size_t(V * D));
+    head_i8_scale_.resize(size_t(V));
+    head_i8_sum_.resize(size_t(V));
+    parallel_for(V, V * D, [&](int64_t m0, int64_t m1) {
+      std::vector<float> row(static_cast<size_t>(D));
+      for (int64_t m = m0; m < m1; ++m) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < D; ++k) {
+          row[k] = head_f16_ ? f16_to_f32(head_f16_[m * D + k]) : head_f32_[m * D + k];
+          amax = std::max(amax, std::fabs(row[k]));
+        }
+        const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < D; ++k) {
+          const int8_t v = int8_t(std::clamp(std::nearbyint(row[k] / scale), -127.0f, 127.0f));
+          head_i8_[size_t(m * D + k)] = v;
+          sum += v;
+        }
+        head_i8_scale_[size_t(m)] = scale;
+        head_i8_sum_[size_t(m)] = sum;
+      }
+    });
+    // The stored head's pages are not read again (embedding lookups touch a few rows).
+    f.release(h->data, h->nbytes);
+  }
+}
+
+void Model::truncate(int64_t n) {
+  if (n < 0 || n > n_past_)
+    fail("truncate: n must be in [0, n_past=" + std::to_string(n_past_) + "], got " + std::to_string(n));
+  n_past_ = n;
+}
+
+void Model::attention(int64_t il, const float* q, int64_t N, float* out) const {
+  const int64_t H = hp_.n_head, hd = hp_.head_dim, group = hp_.n_head / hp_.n_head_kv;
+  const Kernels& k = active_kernels();
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const size_t plane = size_t(n_ctx_) * size_t(hd);  // one kv head's positions
+  const float* kc = kv_ + size_t(il) * 2 * size_t(hp_.n_head_kv) * plane;
+  const float* vc = kc + size_t(hp_.n_head_kv) * plane;
+  const int64_t p0 = n_past_;
+  parallel_for(H * N, H * N * (p0 + N) * hd, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(size_t(p0 + N));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / N, n = i % N, kvh = h / group, T = p0 + n + 1;  // causal: positions [0, T)
+      const float* qh = q + n * H * hd + h * hd;
+      const float* kh = kc + size_t(kvh) * plane;
+      const float* vh = vc + size_t(kvh) * plane;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < T; ++t) {
+        s[t] = k.dot_f32(qh, kh + t * hd, hd) * scale;
+        mx = std::max(mx, s[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < T; ++t) sum += (s[t] = std::exp(s[t] - mx));
+      float* o = out + n * H * hd + h * hd;
+      std::fill(o, o + hd, 0.0f);
+      const float inv = 1.0f / sum;
+      for (int64_t t = 0; t < T; ++t) k.axpy_f32(s[t] * inv, vh + t * hd, o, hd);
+    }
+  });
+}
+
+void Model::output(const float* x, int64_t N, float* logits) const {
+  const int64_t D = hp_.n_embd, V = hp_.n_vocab;
+  const Kernels& k = active_kernels();
+  std::vector<float> y(size_t(N * D));
+  rms_norm(x, output_norm_, N, D, hp_.rms_eps, y.data());
+  constexpr int64_t kRows = 64;  // head rows per work item
+  const int64_t units = (V + kRows - 1) / kRows;
+  if (head_ == Head::Int8) {
+    std::vector<int8_t> q(size_t(N * D));
+    std::vector<uint8_t> xu(size_t(N * D));
+    std::vector<float> xs(static_cast<size_t>(N));
+    act_quant_int8(y.data(), DType::F32, N, D, q.data(), xs.data());
+    for (size_t i = 0; i < q.size(); ++i) xu[i] = uint8_t(int(q[i]) + 128);
+    parallel_for(units, N * V * D, [&](int64_t u0, int64_t u1) {
+      k.i8_gemm(xu.data(), xs.data(), N, D, head_i8_.data(), head_i8_scale_.data(), head_i8_sum_.data(), u0 * kRows,
+                std::min(u1 * kRows, V), logits, V);
+    });
+  } else if (head_f16_) {
+    parallel_for(units, N * V * D, [&](int64_t u0, int64_t u1) {
+      k.f16_gemm(y.data(), N, D, head_f16_, u0 * kRows, std::min(u1 * kRows, V), logits, V);
+    });
+  } else {
+    parallel_for(units, N * V * D, [&](int64_t u0, int64_t u1) {
+      for (int64_t m = u0 * kRows; m < std::min(u1 * kRows, V); ++m)
+        for (int64_t n = 0; n < N; ++n) logits[n * V + m] = k.dot_f32(y.data() + n * D, head_f32_ + m * D, D);
+    });
+  }
+}
+
+void Model::eval(const int32_t* tokens, int64_t N, float* logits, bool all_logits) {
+  if (N < 1) fail("eval: tokens must not be empty");
+  if (n_past_ + N > n_ctx_)
+    fail("eval: " + std::to_string(n_past_) + " cached + " + std::to_string(N) + " new tokens exceed n_ctx=" +
+         std::to_string(n_ctx_));
+  for (int64_t n = 0; n < N; ++n)
+    if (tokens[n] < 0 || tokens[n] >= hp_.n_vocab)
+      fail("eval: token id " + std::to_string(tokens[n]) + " at index " + std::to_string(n) +
+           " is outside the vocabulary [0, " + std::to_string(hp_.n_vocab) + ")");
+
+  const int64_t D = hp_.n_embd, F = hp_.n_ff, H = hp_.n_head, hd = hp_.head_dim, KVH = hp_.n_head_kv;
+  const int64_t KV = KVH * hd, p0 = n_past_;
+  const double eps = hp_.rms_eps;
+  std::vector<float> x(size_t(N * D)), q(size_t(N * D)), kk(size_t(N * KV)), vv(size_t(N * KV)),
+      att(size_t(N * D)), tmp(size_t(N * D)), g(size_t(N * F)), u(size_t(N * F));
+  std::vector<int8_t> xq(size_t(N * std::max(D, F)));
+  std::vector<float> xs(static_cast<size_t>(N));
+
+  for (int64_t n = 0; n < N; ++n) {
+    float* row = x.data() + n * D;
+    if (embd_f16_)
+      for (int64_t d = 0; d < D; ++d) row[d] = f16_to_f32(embd_f16_[int64_t(tokens[n]) * D + d]);
+    else
+      std::memcpy(row, embd_f32_ + int64_t(tokens[n]) * D, size_t(D) * 4);
+  }
+
+  const size_t plane = size_t(n_ctx_) * size_t(hd);
+  auto rope = [&](float* v, int64_t heads, int64_t pos) {
+    const int64_t half = hp_.n_rot / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* r = v + h * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = float(pos) * inv_freq_[size_t(i)];
+        const float c = std::cos(f), s = std::sin(f), a = r[i], b = r[i + half];
+        r[i] = a * c - b * s;
+        r[i + half] = b * c + a * s;
+      }
+    }
+  };
+
+  for (int64_t il = 0; il < hp_.n_layer; ++il) {
+    const Layer& L = layers_[size_t(il)];
+    // Attention: RMSNorm -> Q, K, V -> RoPE -> cache -> attention -> SubLN -> O -> residual.
+    rmsnorm_act_quant(x.data(), DType::F32, L.attn_norm, N, D, eps, xq.data(), xs.data());
+    project(L.q, xq.data(), xs.data(), N, q.data());
+    project(L.k, xq.data(), xs.data(), N, kk.data());
+    project(L.v, xq.data(), xs.data(), N, vv.data());
+    float* kc = kv_ + size_t(il) * 2 * size_t(KVH) * plane;
+    float* vc = kc + size_t(KVH) * plane;
+    for (int64_t n = 0; n < N; ++n) {
+      rope(q.data() + n * D, H, p0 + n);
+      rope(kk.data() + n * KV, KVH, p0 + n);
+      for (int64_t h = 0; h < KVH; ++h) {
+        std::memcpy(kc + size_t(h) * plane + size_t(p0 + n) * hd, kk.data() + n * KV + h * hd, size_t(hd) * 4);
+        std::memcpy(vc + size_t(h) * plane + size_t(p0 + n) * hd, vv.data() + n * KV + h * hd, size_t(hd) * 4);
+      }
+    }
+    attention(il, q.data(), N, att.data());
+    rmsnorm_act_quant(att.data(), DType::F32, L.attn_sub_norm, N, D, eps, xq.data(), xs.data());
+    project(L.o, xq.data(), xs.data(), N, tmp.data());
+    for (int64_t i = 0; i < N * D; ++i) x[i] += tmp[i];
+
+    // FFN: RMSNorm -> gate, up -> act(gate) * up -> SubLN -> down -> residual.
+    rmsnorm_act_quant(x.data(), DType::F32, L.ffn_norm, N, D, eps, xq.data(), xs.data());
+    project(L.gate, xq.data(), xs.data(), N, g.data());
+    project(L.up, xq.data(), xs.data(), N, u.data());
+    if (hp_.act == Activation::ReLU2) {
+      for (int64_t i = 0; i < N * F; ++i) {
+        const float r = std::max(g[i], 0.0f);
+        g[i] = r * r * u[i];
+      }
+    } else {
+      for (int64_t i = 0; i < N * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+    rmsnorm_act_quant(g.data(), DType::F32, L.ffn_sub_norm, N, F, eps, xq.data(), xs.data());
+    project(L.down, xq.data(), xs.data(), N, tmp.data());
+    for (int64_t i = 0; i < N * D; ++i) x[i] += tmp[i];
+  }
+  n_past_ += N;
+  if (all_logits) output(x.data(), N, logits);
+  else output(x.data() + (N - 1) * D, 1, logits);
+}
+
+}  // namespace wf::engine

@@ -1,0 +1,249 @@
+"""The C++ inference engine (wrinklefree._C.Engine) against the PyTorch model on the same weights.
+
+Files come from the exporter (tests/test_export.py builds the tiny models). The PyTorch side runs the
+packed BitLinear path, whose int8 activations and I2_S matmul are the engine's kernels, so the logits
+agree to float rounding. TQ formats keep fp16 block scales, so there the reference gets the same
+fp16-rounded scales.
+"""
+
+import random
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from test_export import bitnet_model, corpus
+
+from wrinklefree import _C, ops
+from wrinklefree.data import get_tokenizer
+from wrinklefree.export import export_gguf
+from wrinklefree.nn import BitLinear
+
+IDS = [1, 5, 9, 33, 100, 7, 250, 3, 17, 42, 0, 299]
+ARCH_ACT = {"i2_s": "relu2", "tq2_0": "silu", "tq1_0": "silu"}  # what each file's architecture computes
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return get_tokenizer(None, vocab_size=300, corpus=corpus, cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+def reference_model(tokenizer, outtype):
+    """A tiny converted BitNet whose weights survive the export unchanged (f16 embedding, and for
+    TQ formats fp16 weight scales), so the engine must reproduce its logits."""
+    model = bitnet_model(tokenizer, act=ARCH_ACT[outtype])
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight.half().float())
+    if outtype != "i2_s":
+        for name, layer in list(model.named_modules()):
+            if isinstance(layer, BitLinear):
+                codes, scale = layer.ternary_weight()
+                parent, attr = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), attr, BitLinear.from_ternary(codes, scale.half().float()))
+    return model
+
+
+@pytest.fixture(scope="module", params=["i2_s", "tq2_0", "tq1_0"])
+def exported(request, tokenizer, tmp_path_factory):
+    model = reference_model(tokenizer, request.param)
+    path = tmp_path_factory.mktemp("gguf") / f"tiny-{request.param}.gguf"
+    export_gguf(model, path, request.param, tokenizer=tokenizer)
+    return request.param, model, path
+
+
+def run(engine, ids, all_logits=True):
+    out = torch.empty((len(ids), engine.n_vocab) if all_logits else (engine.n_vocab,))
+    engine.eval(ids, out.data_ptr(), all_logits)
+    return out
+
+
+@torch.no_grad()
+def test_logits_match_pytorch(exported):
+    outtype, model, path = exported
+    engine = _C.Engine(str(path), 64, "f16")
+    assert engine.arch == ("bitnet-b1.58" if outtype == "i2_s" else "bitnet")
+    expected = model(torch.tensor([IDS])).logits[0]
+    got = run(engine, IDS)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6)
+    assert engine.n_past == len(IDS)
+
+
+def test_decode_with_cache_equals_prefill(exported):
+    """Prefill of a prefix then one token at a time (the decode path) gives the prefill's logits."""
+    _, _, path = exported
+    engine = _C.Engine(str(path), 64, "f16")
+    full = run(engine, IDS)
+    engine.truncate(0)
+    steps = [run(engine, IDS[:5], all_logits=False)]
+    steps += [run(engine, [t], all_logits=False) for t in IDS[5:]]
+    torch.testing.assert_close(torch.stack(steps), full[4:], rtol=0, atol=0)
+    # truncate() rewinds: re-running the tail after the prefix reproduces it.
+    engine.truncate(5)
+    torch.testing.assert_close(run(engine, IDS[5:]), full[5:], rtol=0, atol=0)
+
+
+def test_threads_and_isas_agree(exported):
+    _, _, path = exported
+    engine = _C.Engine(str(path), 64, "f16")
+    base = run(engine, IDS)
+    threads, isa = ops.get_num_threads(), ops.get_isa()
+    try:
+        ops.set_num_threads(1)
+        engine.truncate(0)
+        torch.testing.assert_close(run(engine, IDS), base, rtol=0, atol=0)  # thread count changes nothing
+        ops.set_num_threads(threads)
+        for other in ops.supported_isas():
+            ops.set_isa(other)
+            engine.truncate(0)  # float sums run in another order: close, not equal
+            torch.testing.assert_close(run(engine, IDS), base, rtol=1e-4, atol=1e-5, msg=other)
+    finally:
+        ops.set_num_threads(threads)
+        ops.set_isa(isa)
+
+
+def test_int8_head_accuracy(exported):
+    """The int8 head (rows quantized at load) costs about 1% of the logit range on this model."""
+    _, _, path = exported
+    f16 = run(_C.Engine(str(path), 64, "f16"), IDS)
+    i8 = run(_C.Engine(str(path), 64, "int8"), IDS)
+    err = (i8 - f16).abs().max()
+    assert 0 < err < 0.03 * f16.abs().max(), err
+    # Its greedy choice is the f16 head's or one within the error of it (a random model has near-ties).
+    chosen = f16.gather(1, i8.argmax(-1, keepdim=True)).squeeze(1)
+    assert bool((chosen >= f16.max(-1).values - 2 * err).all())
+
+
+def test_metadata_and_shape(exported, tokenizer):
+    outtype, model, path = exported
+    engine = _C.Engine(str(path), 0, "f16")  # 0: the file's context length
+    meta = engine.metadata()
+    assert meta["general.architecture"] == engine.arch
+    assert meta["tokenizer.ggml.tokens"][: len(tokenizer)] == [
+        tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))
+    ]
+    assert engine.n_ctx == model.config.max_position_embeddings
+    assert engine.n_vocab == model.config.vocab_size
+    assert engine.n_layer == model.config.num_hidden_layers
+    assert engine.file_bytes == path.stat().st_size
+    names = {name for name, *_ in engine.tensors()}
+    assert "blk.1.ffn_down.weight" in names
+
+
+def test_bad_calls(exported):
+    _, _, path = exported
+    engine = _C.Engine(str(path), 8, "f16")
+    out = torch.empty(engine.n_vocab)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.eval([engine.n_vocab], out.data_ptr())
+    with pytest.raises(ValueError, match="must not be empty"):
+        engine.eval([], out.data_ptr())
+    with pytest.raises(ValueError, match="exceed n_ctx=8"):
+        engine.eval(list(range(9)), out.data_ptr())
+    assert engine.n_past == 0  # a refused call changes nothing
+    with pytest.raises(ValueError, match="truncate"):
+        engine.truncate(1)
+    with pytest.raises(ValueError, match="head must be"):
+        _C.Engine(str(path), 8, "int4")
+
+
+# ---- damaged and foreign files ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def i2s_file(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-i2s.gguf"
+    export_gguf(reference_model(tokenizer, "i2_s"), path, "i2_s", tokenizer=tokenizer)
+    return path
+
+
+def tensor_data_start(path):
+    """Byte offset of the first tensor's data (everything before it is header and metadata)."""
+    from wrinklefree.export import i2s_readable
+
+    with i2s_readable():
+        reader = gguf.GGUFReader(path)
+        return min(int(t.data_offset) for t in reader.tensors)
+
+
+def test_truncated_files_are_refused(i2s_file, tmp_path):
+    blob = i2s_file.read_bytes()
+    header = tensor_data_start(i2s_file)
+    rng = random.Random(0)
+    edges = {0, 3, 4, 8, 23, 24, 40, header - 1, header, len(blob) - 1}
+    cuts = sorted(edges | {rng.randrange(len(blob)) for _ in range(60)})
+    cut_file = tmp_path / "cut.gguf"
+    for cut in cuts:
+        cut_file.write_bytes(blob[:cut])
+        with pytest.raises(ValueError, match=r"cut\.gguf: (not a GGUF file|truncated or corrupt)"):
+            _C.Engine(str(cut_file), 16, "f16")
+
+
+def test_bit_flips_never_crash(i2s_file, tmp_path):
+    """Single bit flips anywhere in the header either still load (a value changed harmlessly) or are
+    refused with a ValueError naming the file; flips in the weights load and run."""
+    blob = bytearray(i2s_file.read_bytes())
+    header = tensor_data_start(i2s_file)
+    rng = random.Random(1)
+    flipped = tmp_path / "flip.gguf"
+    refused = 0
+    positions = [rng.randrange(header) for _ in range(150)] + [rng.randrange(header, len(blob)) for _ in range(10)]
+    for pos in positions:
+        bad = bytearray(blob)
+        bad[pos] ^= 1 << rng.randrange(8)
+        flipped.write_bytes(bad)
+        try:
+            engine = _C.Engine(str(flipped), 16, "f16")
+        except ValueError as e:
+            assert "flip.gguf" in str(e)
+            refused += 1
+            continue
+        logits = run(engine, [1, 2, 3])
+        assert logits.shape == (3, engine.n_vocab)
+    assert refused > 10  # most header flips break a length, a type or a shape
+
+
+def write_gguf(path, arch, tensors, **keys):
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in keys.items():
+        writer.add_uint32(key, value)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_foreign_and_incomplete_files(i2s_file, tmp_path):
+    llama = tmp_path / "llama.gguf"
+    write_gguf(llama, "llama", {"token_embd.weight": np.zeros((8, 4), np.float16)})
+    with pytest.raises(ValueError, match="unsupported architecture 'llama'"):
+        _C.Engine(str(llama), 16, "f16")
+
+    incomplete = tmp_path / "incomplete.gguf"
+    keys = {
+        "bitnet.embedding_length": 128,
+        "bitnet.block_count": 1,
+        "bitnet.feed_forward_length": 256,
+        "bitnet.attention.head_count": 2,
+    }
+    write_gguf(incomplete, "bitnet", {"token_embd.weight": np.zeros((8, 128), np.float16)}, **keys)
+    with pytest.raises(ValueError, match="missing tensor output_norm.weight"):
+        _C.Engine(str(incomplete), 16, "f16")
+
+    wrong = tmp_path / "wrong.gguf"
+    tensors = {"token_embd.weight": np.zeros((8, 128), np.float16), "output_norm.weight": np.ones(128, np.float32)}
+    for n in ("attn_norm", "attn_sub_norm", "ffn_norm"):
+        tensors[f"blk.0.{n}.weight"] = np.ones(128, np.float32)
+    tensors["blk.0.ffn_sub_norm.weight"] = np.ones(256, np.float32)
+    tensors["blk.0.attn_q.weight"] = np.zeros((128, 128), np.float16)  # not ternary
+    write_gguf(wrong, "bitnet", tensors, **keys)
+    with pytest.raises(ValueError, match=r"attn_q\.weight has type F16; the engine runs ternary projections"):
+        _C.Engine(str(wrong), 16, "f16")
+
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model at all, but long enough to have a header")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        _C.Engine(str(text), 16, "f16")
+    with pytest.raises(ValueError, match="cannot open"):
+        _C.Engine(str(tmp_path / "absent.gguf"), 16, "f16")
