@@ -326,18 +326,34 @@ void Model::eval(const int32_t* tokens, int64_t N, float* logits, bool all_logit
       std::memcpy(row, embd_f32_ + int64_t(tokens[n]) * D, size_t(D) * 4);
   }
 
-  const size_t plane = size_t(n_ctx_) * size_t(hd);
-  auto rope = [&](float* v, int64_t heads, int64_t pos) {
-    const int64_t half = hp_.n_rot / 2;
+  // RoPE (NEOX: dimension i pairs with i + n_rot / 2) angles for these positions, computed once
+  // for all layers: cos/sin per layer and head would cost more than the attention itself.
+  const int64_t half = hp_.n_rot / 2;
+  std::vector<float> cos_t(size_t(N * half)), sin_t(size_t(N * half));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < half; ++i) {
+      const float f = float(p0 + n) * inv_freq_[size_t(i)];
+      cos_t[size_t(n * half + i)] = std::cos(f);
+      sin_t[size_t(n * half + i)] = std::sin(f);
+    }
+  auto rope = [&](float* v, int64_t heads, int64_t n) {
+    const float* c = cos_t.data() + n * half;
+    const float* s = sin_t.data() + n * half;
     for (int64_t h = 0; h < heads; ++h) {
       float* r = v + h * hd;
       for (int64_t i = 0; i < half; ++i) {
-        const float f = float(pos) * inv_freq_[size_t(i)];
-        const float c = std::cos(f), s = std::sin(f), a = r[i], b = r[i + half];
-        r[i] = a * c - b * s;
-        r[i + half] = b * c + a * s;
+        const float a = r[i], b = r[i + half];
+        r[i] = a * c[i] - b * s[i];
+        r[i + half] = b * c[i] + a * s[i];
       }
     }
+  };
+  const size_t plane = size_t(n_ctx_) * size_t(hd);
+
+  const Kernels& k = active_kernels();
+  const bool silu = hp_.act == Activation::SiLU;
+  auto add_rows = [&](const float* y) {  // x += y (the residual), over row ranges
+    parallel_for(N, N * D, [&](int64_t n0, int64_t n1) { k.axpy_f32(1.0f, y + n0 * D, x.data() + n0 * D, (n1 - n0) * D); });
   };
 
   for (int64_t il = 0; il < hp_.n_layer; ++il) {
@@ -350,8 +366,8 @@ void Model::eval(const int32_t* tokens, int64_t N, float* logits, bool all_logit
     float* kc = kv_ + size_t(il) * 2 * size_t(KVH) * plane;
     float* vc = kc + size_t(KVH) * plane;
     for (int64_t n = 0; n < N; ++n) {
-      rope(q.data() + n * D, H, p0 + n);
-      rope(kk.data() + n * KV, KVH, p0 + n);
+      rope(q.data() + n * D, H, n);
+      rope(kk.data() + n * KV, KVH, n);
       for (int64_t h = 0; h < KVH; ++h) {
         std::memcpy(kc + size_t(h) * plane + size_t(p0 + n) * hd, kk.data() + n * KV + h * hd, size_t(hd) * 4);
         std::memcpy(vc + size_t(h) * plane + size_t(p0 + n) * hd, vv.data() + n * KV + h * hd, size_t(hd) * 4);
@@ -360,23 +376,18 @@ void Model::eval(const int32_t* tokens, int64_t N, float* logits, bool all_logit
     attention(il, q.data(), N, att.data());
     rmsnorm_act_quant(att.data(), DType::F32, L.attn_sub_norm, N, D, eps, xq.data(), xs.data());
     project(L.o, xq.data(), xs.data(), N, tmp.data());
-    for (int64_t i = 0; i < N * D; ++i) x[i] += tmp[i];
+    add_rows(tmp.data());
 
     // FFN: RMSNorm -> gate, up -> act(gate) * up -> SubLN -> down -> residual.
     rmsnorm_act_quant(x.data(), DType::F32, L.ffn_norm, N, D, eps, xq.data(), xs.data());
     project(L.gate, xq.data(), xs.data(), N, g.data());
     project(L.up, xq.data(), xs.data(), N, u.data());
-    if (hp_.act == Activation::ReLU2) {
-      for (int64_t i = 0; i < N * F; ++i) {
-        const float r = std::max(g[i], 0.0f);
-        g[i] = r * r * u[i];
-      }
-    } else {
-      for (int64_t i = 0; i < N * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    }
+    parallel_for(N, N * F, [&](int64_t n0, int64_t n1) {
+      k.glu(g.data() + n0 * F, u.data() + n0 * F, g.data() + n0 * F, (n1 - n0) * F, silu);
+    });
     rmsnorm_act_quant(g.data(), DType::F32, L.ffn_sub_norm, N, F, eps, xq.data(), xs.data());
     project(L.down, xq.data(), xs.data(), N, tmp.data());
-    for (int64_t i = 0; i < N * D; ++i) x[i] += tmp[i];
+    add_rows(tmp.data());
   }
   n_past_ += N;
   if (all_logits) output(x.data(), N, logits);

@@ -43,6 +43,8 @@ struct Kernels {
                   const float* w_scale, const int32_t* wsum, int64_t m0, int64_t m1, float* out, int64_t ldo);
   float (*dot_f32)(const float* a, const float* b, int64_t n);
   void (*axpy_f32)(float a, const float* x, float* y, int64_t n);  // y += a * x
+  // The gated FFN activation: out[i] = act(g[i]) * u[i], act relu(x)^2 (silu false) or x * sigmoid(x).
+  void (*glu)(const float* g, const float* u, float* out, int64_t n, bool silu);
 
   // Reads n bytes (n % 256 == 0) and returns a value that depends on all of them; for measuring
   // read bandwidth.

@@ -3,6 +3,8 @@
 // keep the loops vectorizable without reassociation.
 #pragma once
 
+#include <cmath>
+
 #include "cpu/kernels.h"
 
 namespace wf {
@@ -19,6 +21,17 @@ inline float generic_dot_f32(const float* a, const float* b, int64_t n) {
 
 inline void generic_axpy_f32(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+inline void generic_glu(const float* g, const float* u, float* out, int64_t n, bool silu) {
+  if (silu) {
+    for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float r = g[i] > 0.0f ? g[i] : 0.0f;
+      out[i] = r * r * u[i];
+    }
+  }
 }
 
 inline void generic_f16_gemm(const float* x, int64_t N, int64_t K, const uint16_t* W, int64_t m0, int64_t m1,

@@ -119,7 +119,7 @@ int64_t int8_macs(int64_t iters) {
 const Kernels& kernels() {
   static const Kernels k{"scalar",          lane_sum,         ternary_round,   act_quant_row,
                          norm_quant_row,   i2s_prepare_row,  i2s_gemm,        generic_f16_gemm,
-                         generic_i8_gemm,  generic_dot_f32,  generic_axpy_f32, read_bytes,
+                         generic_i8_gemm,  generic_dot_f32,  generic_axpy_f32, generic_glu,     read_bytes,
                          int8_macs};
   return k;
 }
