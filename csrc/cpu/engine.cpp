@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <limits>
 #include <new>
 
@@ -37,11 +39,16 @@ void rms_norm(const float* x, const float* w, int64_t N, int64_t K, double eps, 
   }
 }
 
-// One ternary projection of N quantized rows: out[N, M].
-void project(const Projection& p, const int8_t* q, const float* scale, int64_t N, float* out) {
-  i2s_matmul(q, scale, N, p.K, p.packed, p.M * p.K / 4 + 32, p.M, out);
-  if (p.post_scale != 1.0f)
-    for (int64_t i = 0; i < N * p.M; ++i) out[i] *= p.post_scale;
+// Ternary projections of the same N quantized rows, in one pass over the threads: outs[i][N, M_i].
+void project(std::initializer_list<std::pair<const Projection*, float*>> jobs, const int8_t* q, const float* scale,
+             int64_t N) {
+  I2SMatmulTarget targets[3];
+  int n = 0;
+  for (const auto& [p, out] : jobs) targets[n++] = {p->packed, p->M, out};
+  i2s_matmul_multi(q, scale, N, jobs.begin()->first->K, targets, n);
+  for (const auto& [p, out] : jobs)
+    if (p->post_scale != 1.0f)
+      for (int64_t i = 0; i < N * p->M; ++i) out[i] *= p->post_scale;
 }
 
 }  // namespace
@@ -360,9 +367,7 @@ void Model::eval(const int32_t* tokens, int64_t N, float* logits, bool all_logit
     const Layer& L = layers_[size_t(il)];
     // Attention: RMSNorm -> Q, K, V -> RoPE -> cache -> attention -> SubLN -> O -> residual.
     rmsnorm_act_quant(x.data(), DType::F32, L.attn_norm, N, D, eps, xq.data(), xs.data());
-    project(L.q, xq.data(), xs.data(), N, q.data());
-    project(L.k, xq.data(), xs.data(), N, kk.data());
-    project(L.v, xq.data(), xs.data(), N, vv.data());
+    project({{&L.q, q.data()}, {&L.k, kk.data()}, {&L.v, vv.data()}}, xq.data(), xs.data(), N);
     float* kc = kv_ + size_t(il) * 2 * size_t(KVH) * plane;
     float* vc = kc + size_t(KVH) * plane;
     for (int64_t n = 0; n < N; ++n) {
@@ -375,18 +380,17 @@ void Model::eval(const int32_t* tokens, int64_t N, float* logits, bool all_logit
     }
     attention(il, q.data(), N, att.data());
     rmsnorm_act_quant(att.data(), DType::F32, L.attn_sub_norm, N, D, eps, xq.data(), xs.data());
-    project(L.o, xq.data(), xs.data(), N, tmp.data());
+    project({{&L.o, tmp.data()}}, xq.data(), xs.data(), N);
     add_rows(tmp.data());
 
     // FFN: RMSNorm -> gate, up -> act(gate) * up -> SubLN -> down -> residual.
     rmsnorm_act_quant(x.data(), DType::F32, L.ffn_norm, N, D, eps, xq.data(), xs.data());
-    project(L.gate, xq.data(), xs.data(), N, g.data());
-    project(L.up, xq.data(), xs.data(), N, u.data());
+    project({{&L.gate, g.data()}, {&L.up, u.data()}}, xq.data(), xs.data(), N);
     parallel_for(N, N * F, [&](int64_t n0, int64_t n1) {
       k.glu(g.data() + n0 * F, u.data() + n0 * F, g.data() + n0 * F, (n1 - n0) * F, silu);
     });
     rmsnorm_act_quant(g.data(), DType::F32, L.ffn_sub_norm, N, F, eps, xq.data(), xs.data());
-    project(L.down, xq.data(), xs.data(), N, tmp.data());
+    project({{&L.down, tmp.data()}}, xq.data(), xs.data(), N);
     add_rows(tmp.data());
   }
   n_past_ += N;

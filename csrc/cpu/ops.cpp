@@ -93,10 +93,15 @@ void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, con
   if (packed_nbytes != need)
     fail("packed holds " + std::to_string(packed_nbytes) + " bytes; out_features=" + std::to_string(M) +
          " x K=" + std::to_string(K) + " in i2_s needs M*K/4 + 32 = " + std::to_string(need));
-  const Kernels& k = active_kernels();
-  float w_scale;
-  std::memcpy(&w_scale, packed + M * K / 4, 4);
+  const I2SMatmulTarget target{packed, M, out};
+  i2s_matmul_multi(q, x_scale, N, K, &target, 1);
+}
 
+void i2s_matmul_multi(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const I2SMatmulTarget* targets,
+                      int n_targets) {
+  check_positive("q.shape[0]", N);
+  if (K % format_info("i2_s").block_values) fail("K=" + std::to_string(K) + " is not a multiple of 128");
+  const Kernels& k = active_kernels();
   auto acts = aligned_buffer<int8_t>(N * K + 64);  // kernels may read 64 bytes past the last row
   auto rowsum = aligned_buffer<int32_t>(N);
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
@@ -104,11 +109,27 @@ void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, con
   });
   // Split the weight rows across threads in units of 32 rows (a multiple of every tile width);
   // one activation row (decode) has no tiles, and finer units balance its short calls better.
+  // Units never straddle two targets.
   const int64_t unit = N == 1 ? 8 : 32;
-  const int64_t units = (M + unit - 1) / unit;
-  parallel_for(units, N * M * K / 4, [&](int64_t u0, int64_t u1) {
-    k.i2s_gemm(acts.get(), rowsum.get(), x_scale, N, K, packed, w_scale, u0 * unit, std::min(u1 * unit, M),
-               out, M);
+  std::vector<int64_t> first(size_t(n_targets) + 1, 0);  // first unit of each target
+  std::vector<float> w_scale(static_cast<size_t>(n_targets));
+  int64_t total_rows = 0;
+  for (int t = 0; t < n_targets; ++t) {
+    check_positive("out_features", targets[t].M);
+    first[t + 1] = first[t] + (targets[t].M + unit - 1) / unit;
+    std::memcpy(&w_scale[t], targets[t].packed + targets[t].M * K / 4, 4);
+    total_rows += targets[t].M;
+  }
+  parallel_for(first[n_targets], N * total_rows * K / 4, [&](int64_t u0, int64_t u1) {
+    int t = 0;
+    while (u0 < u1) {
+      while (first[t + 1] <= u0) ++t;
+      const int64_t u_end = std::min(u1, first[t + 1]);
+      const I2SMatmulTarget& tg = targets[t];
+      k.i2s_gemm(acts.get(), rowsum.get(), x_scale, N, K, tg.packed, w_scale[t], (u0 - first[t]) * unit,
+                 std::min((u_end - first[t]) * unit, tg.M), tg.out, tg.M);
+      u0 = u_end;
+    }
   });
 }
 

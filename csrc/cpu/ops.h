@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "cpu/common.h"
 
@@ -22,6 +23,17 @@ void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64
 // out[N, M] = (sum_k code * q - sum_k q) / x_scale * w_scale over packed I2_S weights of M x K.
 void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
                 int64_t packed_nbytes, int64_t M, float* out);
+
+// Several I2_S matmuls of the same activations (Q, K and V; gate and up), in one pass over the
+// threads: the activations are prepared once, and the weight rows of all of them are split into
+// one list of work units. Each target writes out[N, M] (row stride M).
+struct I2SMatmulTarget {
+  const uint8_t* packed;  // M*K/4 code bytes, then the float32 scale
+  int64_t M;
+  float* out;
+};
+void i2s_matmul_multi(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const I2SMatmulTarget* targets,
+                      int n_targets);
 
 // act_quant_int8 then i2s_matmul.
 void bitlinear_infer(const void* x, DType dt, int64_t N, int64_t K, const uint8_t* packed, int64_t packed_nbytes,
