@@ -218,27 +218,34 @@ void Model::load_weights(const std::string& head) {
     head_i8_.resize(size_t(V * D));
     head_i8_scale_.resize(size_t(V));
     head_i8_sum_.resize(size_t(V));
-    parallel_for(V, V * D, [&](int64_t m0, int64_t m1) {
-      std::vector<float> row(static_cast<size_t>(D));
-      for (int64_t m = m0; m < m1; ++m) {
-        float amax = 0.0f;
-        for (int64_t k = 0; k < D; ++k) {
-          row[k] = head_f16_ ? f16_to_f32(head_f16_[m * D + k]) : head_f32_[m * D + k];
-          amax = std::max(amax, std::fabs(row[k]));
+    // In blocks of rows, each released once quantized, so the stored head's pages are never all
+    // resident at once: the peak memory stays that of the int8 head (the f16 pages are not read
+    // again; embedding lookups touch a few rows).
+    const int64_t row_bytes = D * (h->type == gguf::kF16 ? 2 : 4);
+    const int64_t block = std::max<int64_t>(1, (int64_t(16) << 20) / row_bytes);  // 16 MB of rows
+    for (int64_t b0 = 0; b0 < V; b0 += block) {
+      const int64_t b1 = std::min(V, b0 + block);
+      parallel_for(b1 - b0, (b1 - b0) * D, [&](int64_t r0, int64_t r1) {
+        std::vector<float> row(static_cast<size_t>(D));
+        for (int64_t m = b0 + r0; m < b0 + r1; ++m) {
+          float amax = 0.0f;
+          for (int64_t k = 0; k < D; ++k) {
+            row[k] = head_f16_ ? f16_to_f32(head_f16_[m * D + k]) : head_f32_[m * D + k];
+            amax = std::max(amax, std::fabs(row[k]));
+          }
+          const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+          int32_t sum = 0;
+          for (int64_t k = 0; k < D; ++k) {
+            const int8_t v = int8_t(std::clamp(std::nearbyint(row[k] / scale), -127.0f, 127.0f));
+            head_i8_[size_t(m * D + k)] = v;
+            sum += v;
+          }
+          head_i8_scale_[size_t(m)] = scale;
+          head_i8_sum_[size_t(m)] = sum;
         }
-        const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-        int32_t sum = 0;
-        for (int64_t k = 0; k < D; ++k) {
-          const int8_t v = int8_t(std::clamp(std::nearbyint(row[k] / scale), -127.0f, 127.0f));
-          head_i8_[size_t(m * D + k)] = v;
-          sum += v;
-        }
-        head_i8_scale_[size_t(m)] = scale;
-        head_i8_sum_[size_t(m)] = sum;
-      }
-    });
-    // The stored head's pages are not read again (embedding lookups touch a few rows).
-    f.release(h->data, h->nbytes);
+      });
+      f.release(h->data + b0 * row_bytes, (b1 - b0) * row_bytes);
+    }
   }
 }
 
