@@ -196,6 +196,30 @@ def test_a_run_killed_while_replacing_a_checkpoint_keeps_the_old_one(tmp_path):
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "ckpt").iterdir())
 
 
+def test_extra_files_appear_with_the_checkpoint_and_a_failure_leaves_none(tmp_path, memory_root):
+    model = tiny_model(0)
+    manager = CheckpointManager(tmp_path / "ckpt", remote=stage_dir(memory_root, "exp", "unified"))
+    seen = []
+
+    def write_notes(staging: Path) -> None:
+        seen.append(staging)
+        (staging / "notes").mkdir()
+        (staging / "notes" / "a.txt").write_text("hello")
+
+    final = manager.save("final", model, None, {"step": 1}, extra_files=write_notes)
+    assert seen == [tmp_path / "ckpt" / ".tmp-final"]  # staged, then renamed into place with the rest
+    assert (final / "notes" / "a.txt").read_text() == "hello" and (final / ".metadata").is_file()
+    fs, root = filesystem(manager.remote)
+    assert fs.cat(f"{root}/final/notes/a.txt") == b"hello"  # uploaded with the checkpoint
+
+    def fail(staging: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        manager.save("step_2", model, None, {"step": 2}, extra_files=fail)
+    assert manager.steps() == [] and manager.latest() == final
+
+
 # ---- remote mirror through fsspec ---------------------------------------------------------------
 
 

@@ -28,10 +28,9 @@ def tokenizer(tmp_path_factory):
     return get_tokenizer(None, vocab_size=300, corpus=corpus, cache_dir=tmp_path_factory.mktemp("tok"))
 
 
-def reference_model(tokenizer, outtype):
-    """A tiny converted BitNet whose weights survive the export unchanged (f16 embedding, and for
-    TQ formats fp16 weight scales), so the engine must reproduce its logits."""
-    model = bitnet_model(tokenizer, act=ARCH_ACT[outtype])
+def round_as_exported(model, outtype):
+    """``model`` (in place) with the weights its GGUF file holds: the embedding rounded to f16, and for
+    TQ formats the weight scales rounded to fp16; then the engine must reproduce its logits."""
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight.half().float())
     if outtype != "i2_s":
@@ -41,6 +40,11 @@ def reference_model(tokenizer, outtype):
                 parent, attr = name.rsplit(".", 1)
                 setattr(model.get_submodule(parent), attr, BitLinear.from_ternary(codes, scale.half().float()))
     return model
+
+
+def reference_model(tokenizer, outtype):
+    """A tiny converted BitNet whose weights survive the export unchanged (:func:`round_as_exported`)."""
+    return round_as_exported(bitnet_model(tokenizer, act=ARCH_ACT[outtype]), outtype)
 
 
 @pytest.fixture(scope="module", params=["i2_s", "tq2_0", "tq1_0"])

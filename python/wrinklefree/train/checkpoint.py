@@ -1,8 +1,9 @@
 """Checkpoints with torch.distributed.checkpoint (DCP), written atomically (DESIGN.md section 5).
 
 Layout: ``{root}/checkpoints/{experiment}/{stage}_checkpoint/checkpoints/{step_N|final}/`` holding the
-DCP shards of the model and optimizer (``.distcp`` files + ``.metadata``) and ``trainer_rank{R}.pt``
-with everything else (step, schedules, data position, RNG states). ``root`` is ``output_dir`` on the
+DCP shards of the model and optimizer (``.distcp`` files + ``.metadata``), ``trainer_rank{R}.pt``
+with everything else (step, schedules, data position, RNG states; the trainer adds its resolved config)
+and whatever the saver adds (the trainer: its tokenizer, in ``tokenizer/``). ``root`` is ``output_dir`` on the
 local disk and, when ``training.remote_dir`` is set, the same layout under that fsspec URL.
 
 Atomicity, locally: a save goes to ``.tmp-{name}`` beside the target, which rank 0 renames into
@@ -59,6 +60,8 @@ _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".tmp-old-"
 COMPLETE_MARKER = ".complete"
 """Written last into a remote checkpoint; a remote checkpoint without it is unfinished (or being replaced)."""
+TOKENIZER_DIR = "tokenizer"
+"""The folder of a trainer checkpoint holding the run's tokenizer (``save_pretrained``), for the exporter."""
 
 _PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs"}
 
@@ -319,8 +322,15 @@ class CheckpointManager:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         trainer_state: dict[str, Any],
+        *,
+        extra_files: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Write checkpoint ``name`` (``step_N`` or ``final``), then upload it when mirroring; every rank calls this."""
+        """Write checkpoint ``name`` (``step_N`` or ``final``), then upload it when mirroring; every rank calls this.
+
+        ``extra_files``: called on rank 0 with the staging directory once every rank has written its part,
+        to add files of its own (e.g. the tokenizer) before the checkpoint is put in place: they appear with
+        it, atomically, and are uploaded with it. An error there aborts the save on every rank.
+        """
         target = self.directory / name
         tmp = self.directory / f"{_TMP_PREFIX}{name}"
 
@@ -342,6 +352,8 @@ class CheckpointManager:
         _barrier()  # every rank's files are on disk before rank 0 renames
 
         def finish() -> None:
+            if extra_files is not None:
+                extra_files(tmp)
             if target.exists():  # replacing: move the old one aside first, then drop it
                 old = self.directory / f"{_OLD_PREFIX}{name}"
                 shutil.rmtree(old, ignore_errors=True)
@@ -503,19 +515,36 @@ def _remote_remove(fs, path: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def _load_pickled(path: Path | str, name: str) -> Any:
+    """``torch.load`` of the file ``name`` in the checkpoint directory ``path`` (local or fsspec URL)."""
+    if is_url(path):
+        fs, p = filesystem(str(path))
+        with fs.open(f"{p}/{name}", "rb") as f:
+            return torch.load(io.BytesIO(f.read()), weights_only=False)
+    return torch.load(Path(path) / name, weights_only=False)
+
+
 def _read_trainer_state(path: Path | str) -> tuple[dict[str, Any], bool]:
     """This rank's ``trainer_rank{R}.pt`` (else rank 0's, for a checkpoint saved by fewer ranks); and whether it
     was this rank's own."""
     name = f"trainer_rank{_rank()}.pt"
     if is_url(path):
-        fs, p = filesystem(path)
+        fs, p = filesystem(str(path))
         own = fs.exists(f"{p}/{name}")
-        with fs.open(f"{p}/{name if own else 'trainer_rank0.pt'}", "rb") as f:
-            data = f.read()
-        return torch.load(io.BytesIO(data), weights_only=False), own
-    own_path = Path(path) / name
-    own = own_path.is_file()
-    return torch.load(own_path if own else Path(path) / "trainer_rank0.pt", weights_only=False), own
+    else:
+        own = (Path(path) / name).is_file()
+    return _load_pickled(path, name if own else "trainer_rank0.pt"), own
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Rank 0's trainer state (``trainer_rank0.pt``) of a complete checkpoint: local, fsspec URL or ``hf://``.
+
+    For tools that read a checkpoint outside a run (the exporter): no process group is needed. The file is
+    unpickled (it holds RNG states and schedule dicts, not only tensors): read only checkpoints you trust.
+    """
+    where = resolve(path)
+    _require_complete(where, path)
+    return _load_pickled(where, "trainer_rank0.pt")
 
 
 def _listing(keys: Sequence[str], limit: int = 8) -> str:

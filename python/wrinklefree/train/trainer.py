@@ -18,7 +18,7 @@ from wrinklefree.models import convert
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.objectives import CrossEntropy, DiffusionLM, ObjectiveManager
 from wrinklefree.train import distributed
-from wrinklefree.train.checkpoint import CheckpointManager, stage_dir
+from wrinklefree.train.checkpoint import TOKENIZER_DIR, CheckpointManager, stage_dir
 from wrinklefree.train.metrics import MetricsLogger, run_name
 from wrinklefree.train.optim import ZClip, build_lr_scheduler, build_optimizer
 
@@ -53,14 +53,24 @@ def batch_settings(cfg: DictConfig, table: dict) -> tuple[int, int]:
     return int(batch), int(accum)
 
 
-def build_model(cfg: DictConfig, tokenizer, schedule: QuantSchedule | None) -> nn.Module:
-    """The Hugging Face causal LM of ``cfg.model``, converted to BitNet unless ``training.convert`` is false."""
+def build_model(
+    cfg: DictConfig, tokenizer, schedule: QuantSchedule | None, *, pretrained_weights: bool = True
+) -> nn.Module:
+    """The Hugging Face causal LM of ``cfg.model``, converted to BitNet unless ``training.convert`` is false.
+
+    ``pretrained_weights`` False: for ``model.pretrained``, only its config is read and the weights are
+    freshly initialized (for loading a checkpoint over them, without reading the pretrained weights).
+    """
     import transformers
 
     mcfg = cfg.model
     dtype = getattr(torch, mcfg.dtype)
     if mcfg.pretrained:
-        model = transformers.AutoModelForCausalLM.from_pretrained(mcfg.pretrained, dtype=dtype)
+        if pretrained_weights:
+            model = transformers.AutoModelForCausalLM.from_pretrained(mcfg.pretrained, dtype=dtype)
+        else:
+            config = transformers.AutoConfig.from_pretrained(mcfg.pretrained)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. the added mask token
             model.resize_token_embeddings(len(tokenizer))
     else:
@@ -342,6 +352,9 @@ class Trainer:
         return distributed.all_reduce_mean(torch.stack(losses).mean()).item()
 
     def save(self, name: str) -> Path:
+        """Checkpoint ``name``: weights, optimizer and trainer state, plus what makes it self-describing for
+        ``python -m wrinklefree.export``: the resolved config (to rebuild the model) and the tokenizer (in
+        ``tokenizer/``, written by rank 0 as part of the same atomic save)."""
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -350,8 +363,12 @@ class Trainer:
             "data": self.train_loader.state_dict(),
             "zclip": self.zclip.state_dict() if self.zclip is not None else None,
             "run_name": self.run_name,
+            "config": _plain(self.cfg),
         }
-        return self.checkpoints.save(name, self.raw_model, self.optimizer, state)
+        return self.checkpoints.save(name, self.raw_model, self.optimizer, state, extra_files=self._write_tokenizer)
+
+    def _write_tokenizer(self, checkpoint: Path) -> None:
+        self.tokenizer.save_pretrained(checkpoint / TOKENIZER_DIR)
 
     def fit(self) -> dict[str, Any]:
         """Train to ``training.max_steps``; returns a summary (first/last loss, eval loss, paths)."""
@@ -425,6 +442,14 @@ class Trainer:
             else "no steps"
         )
         ev = f", eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""
+        export = ""
+        if self.schedule is not None and float(self.schedule.lam) >= 1.0:  # ternary, warm-up done: exportable
+            # to the format whose reader computes the model's FFN activation
+            outtype = "i2_s" if getattr(self.raw_model.config, "hidden_act", None) == "relu2" else "tq2_0"
+            export = (
+                f"  export to GGUF: python -m wrinklefree.export {s['checkpoint']} --outfile model.gguf "
+                f"--outtype {outtype}\n"
+            )
         print(
             f"\nDone: {s['steps']} steps, {losses}{ev}.\n"
             f"  checkpoint: {s['checkpoint']}\n"
@@ -432,6 +457,7 @@ class Trainer:
             "Next steps:\n"
             f"  train longer:   python -m wrinklefree.train experiment={s['run_name']} "
             f"training.resume.checkpoint_path={s['checkpoint']} training.max_steps={2 * max(s['steps'], 1)}\n"
+            f"{export}"
             "  another recipe: python -m wrinklefree.train training=stage2_pretrain model=smollm2_135m data=fineweb\n"
             "  on N GPUs:      torchrun --nproc_per_node=N -m wrinklefree.train distributed=fsdp_multi\n"
             "  kernels:        python bench/run.py\n",
