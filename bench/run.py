@@ -4,6 +4,7 @@ against torch's fp32 matmul, on the BitNet b1.58 2B4T shapes (DESIGN.md section 
 whole training step of a converted Llama model against the same model in full precision.
 
     python bench/run.py [--quick] [--out PATH] [--threads N] [--isa avx512|avx2|scalar] [--kernels a,b]
+    python bench/run.py --e2e [2b4t|small] [--threads N] [--out PATH]    (bench/e2e.py: the inference engines)
 
 Prints a table and the section-6 targets, and writes one JSON row per (kernel, provider, shape);
 bench/README.md describes the flags and the schema. Benchmarks report, they never assert.
@@ -770,15 +771,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="few reps, no int64 reference matmul, i2_s only, train_step on tiny only (< 60 s)",
     )
-    ap.add_argument("--out", "--json", dest="out", default="bench/out/kernels.json", help="JSON output path")
+    ap.add_argument(
+        "--out", "--json", dest="out", help="JSON output path (default bench/out/kernels.json; --e2e: e2e-<model>.json)"
+    )
     ap.add_argument("--threads", type=int, help="kernel threads (torch gets the same); default: all CPUs")
     ap.add_argument("--isa", choices=["avx512", "avx2", "scalar"], help="force the kernels' instruction set")
     ap.add_argument("--kernels", help=f"comma-separated subset of: {', '.join(REGISTRY)}")
+    ap.add_argument(
+        "--e2e",
+        nargs="?",
+        const="2b4t",
+        choices=["2b4t", "small"],
+        help="instead of the kernels: end-to-end inference, our engine against llama.cpp (bench/e2e.py) on a random "
+        "model of the 2B4T shape, or a small one to check the plumbing; --threads defaults to 2 there",
+    )
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.e2e:
+        import e2e  # bench/e2e.py, beside this file
+
+        e2e.main(["--shape", args.e2e, "--threads", str(args.threads or 2)] + (["--out", args.out] if args.out else []))
+        return
     if args.threads:
         ops.set_num_threads(args.threads)
     if args.isa:
@@ -859,7 +875,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     meta["wall_s"] = time.perf_counter() - start
 
-    out = Path(args.out)
+    out = Path(args.out or "bench/out/kernels.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1) + "\n")
     print(f"\nwrote {out} ({len(rows)} rows) in {meta['wall_s']:.1f} s")

@@ -14,6 +14,7 @@ from wrinklefree import convert, ops  # noqa: E402
 from wrinklefree.data import get_tokenizer  # noqa: E402
 from wrinklefree.export import export_gguf, i2s_readable  # noqa: E402
 from wrinklefree.export.__main__ import main  # noqa: E402
+from wrinklefree.export.gguf_writer import BitnetWriter  # noqa: E402
 from wrinklefree.models.hf_bitnet import load_bitnet, save_bitnet  # noqa: E402
 
 EXTRA_ROWS = 4  # embedding rows beyond the tokenizer: written as [PADn] tokens of type UNUSED
@@ -47,9 +48,11 @@ def tokenizer(tmp_path_factory):
     return tok
 
 
-def bitnet_model(tokenizer, hidden=256, tie=True):
+def bitnet_model(tokenizer, hidden=256, tie=True, act="relu2"):
+    """A converted random BitNet; ``act``: relu2 for i2_s (bitnet.cpp), silu for the llama.cpp outtypes."""
     torch.manual_seed(0)
     config = transformers.BitNetConfig(
+        hidden_act=act,
         vocab_size=len(tokenizer) + EXTRA_ROWS,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -78,8 +81,21 @@ def checkpoint(tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def silu_checkpoint(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt_silu")
+    save_bitnet(bitnet_model(tokenizer, act="silu"), path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def model(checkpoint):
     return load_bitnet(checkpoint)
+
+
+def act_of(outtype):
+    """The FFN activation of the graph that reads an outtype's files."""
+    return "relu2" if outtype == "i2_s" else "silu"
 
 
 def read(path):
@@ -100,8 +116,11 @@ def expected_tensors(n_layers=2):
 
 
 @pytest.mark.parametrize("outtype", ["i2_s", "tq2_0", "tq1_0", "f16"])
-def test_metadata_and_tensors(checkpoint, model, tokenizer, tmp_path, outtype):
-    out = export_gguf(checkpoint, tmp_path / "m.gguf", outtype)
+def test_metadata_and_tensors(checkpoint, silu_checkpoint, tokenizer, tmp_path, outtype):
+    ckpt = checkpoint if act_of(outtype) == "relu2" else silu_checkpoint
+    model = load_bitnet(ckpt)
+    assert model.config.hidden_act == act_of(outtype)
+    out = export_gguf(ckpt, tmp_path / "m.gguf", outtype)
     r = read(out)
     arch = "bitnet-b1.58" if outtype == "i2_s" else "bitnet"
     cfg = model.config
@@ -161,8 +180,8 @@ def test_metadata_and_tensors(checkpoint, model, tokenizer, tmp_path, outtype):
                 assert torch.allclose(s, scale.half().float().expand_as(s))
 
 
-def test_tokenizer_round_trip(checkpoint, tokenizer, tmp_path):
-    r = read(export_gguf(checkpoint, tmp_path / "m.gguf", "tq2_0"))
+def test_tokenizer_round_trip(silu_checkpoint, tokenizer, tmp_path):
+    r = read(export_gguf(silu_checkpoint, tmp_path / "m.gguf", "tq2_0"))
     assert field(r, "tokenizer.ggml.model") == "gpt2"
     assert "tokenizer.ggml.pre" not in r.fields
     n = len(tokenizer)
@@ -211,7 +230,7 @@ def test_refuses_float_projection(model, tokenizer, tmp_path):
 
 @pytest.mark.parametrize(("hidden", "outtype", "block"), [(128, "tq2_0", 256), (128, "tq1_0", 256), (64, "i2_s", 128)])
 def test_refuses_k_not_multiple_of_block(tokenizer, tmp_path, hidden, outtype, block):
-    model = bitnet_model(tokenizer, hidden=hidden)
+    model = bitnet_model(tokenizer, hidden=hidden, act=act_of(outtype))
     with pytest.raises(ValueError, match=rf"self_attn\.q_proj\.weight has K={hidden} .* block of {block}"):
         export_gguf(model, tmp_path / "m.gguf", outtype, tokenizer=tokenizer)
 
@@ -231,6 +250,49 @@ def test_refuses_other_architectures(tokenizer, tmp_path):
         export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "i2_s", tokenizer=tokenizer)
     with pytest.raises(ValueError, match="outtype must be one of"):
         export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "q4_0", tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("outtype", ["tq2_0", "tq1_0", "f16"])
+def test_refuses_relu2_for_llama_cpp(checkpoint, tmp_path, outtype, capsys):
+    # llama.cpp's bitnet graph computes silu(gate) * up whatever the file says: a relu2 model would
+    # load and run there, with wrong logits.
+    msg = (
+        rf"hidden_act='relu2', but outtype {outtype} is read as architecture 'bitnet', "
+        r"whose graph computes the FFN with silu; a relu2 model exports to i2_s$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        export_gguf(checkpoint, tmp_path / "m.gguf", outtype)
+    assert not (tmp_path / "m.gguf").exists()
+    with pytest.raises(SystemExit) as e:
+        main([str(checkpoint), "--outfile", str(tmp_path / "m.gguf"), "--outtype", outtype])
+    assert e.value.code == 2 and "hidden_act='relu2'" in capsys.readouterr().err
+
+
+def test_refuses_silu_for_bitnet_cpp(silu_checkpoint, tmp_path):
+    msg = (
+        r"hidden_act='silu', but outtype i2_s is read as architecture 'bitnet-b1\.58', "
+        r"whose graph computes the FFN with relu2; a silu model exports to tq2_0, tq1_0, f16$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        export_gguf(silu_checkpoint, tmp_path / "m.gguf", "i2_s")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("outtype", ["i2_s", "tq2_0"])
+def test_refuses_other_activations(tokenizer, tmp_path, outtype):
+    model = bitnet_model(tokenizer, act="gelu")
+    with pytest.raises(ValueError, match=r"hidden_act='gelu', but outtype .* computes the FFN with (relu2|silu)$"):
+        export_gguf(model, tmp_path / "m.gguf", outtype, tokenizer=tokenizer)
+
+
+def test_refuses_vocabulary_without_merges(silu_checkpoint, tmp_path):
+    # gguf drops an empty tokenizer.ggml.merges array, and llama.cpp does not load a gpt2 vocabulary without it
+    config = load_bitnet(silu_checkpoint).config
+    writer = BitnetWriter(tmp_path / "m.gguf", config, "tq2_0")
+    n = config.vocab_size
+    with pytest.raises(ValueError, match="a gpt2 .BPE. vocabulary needs merges"):
+        writer.add_vocab([f"t{i}" for i in range(n)], [gguf.TokenType.NORMAL] * n, merges=[])
+    writer.close()
 
 
 def test_refuses_untied_output_head(tokenizer, tmp_path):

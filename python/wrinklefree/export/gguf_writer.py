@@ -9,6 +9,10 @@ Layouts (DESIGN.md section 3):
   are written (llama.cpp loads those as optional and multiplies by them only when present).
 * ``f16``: architecture ``bitnet``, projections F16 holding the dequantized ``codes * scale``.
 
+bitnet.cpp's graph computes the FFN as relu(gate)^2 * up and llama.cpp's as silu(gate) * up, and
+neither reads the activation from the file, so a model is exported only to the outtypes whose
+reader computes its ``hidden_act`` (relu2: i2_s; silu: tq2_0, tq1_0, f16).
+
 In all of them ``token_embd.weight`` is F16 and doubles as the output head (neither bitnet.cpp's
 nor llama.cpp's bitnet graph reads ``output.weight``), and norms are F32. Tensor and key names come
 from the ``gguf`` package's constants for ``MODEL_ARCH.BITNET``.
@@ -57,6 +61,13 @@ _NORMS = {
     "post_attention_layernorm": "FFN_NORM",
     "mlp.ffn_sub_norm": "FFN_SUB_NORM",
 }
+PROJECTION_KINDS = tuple(_PROJECTIONS.values())
+NORM_KINDS = tuple(_NORMS.values())
+
+# The FFN activation each reader's graph computes (neither reads it from the file): bitnet.cpp's
+# bitnet-b1.58 relu(gate)^2 * up, llama.cpp's bitnet (src/models/bitnet.cpp) silu(gate) * up.
+ARCH_ACTIVATION = {I2S_ARCH: "relu2", "bitnet": "silu"}
+ACTIVATION_ALIASES = {"relu2": ("relu2",), "silu": ("silu", "swish")}  # transformers' ACT2FN names
 
 
 def _gguf():
@@ -161,19 +172,6 @@ def _f32(t: Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().contiguous().numpy()
 
 
-def _add_projection(writer, name: str, layer: BitLinear, outtype: str) -> None:
-    codes, scale = layer.ternary_weight()
-    codes, scale = codes.cpu().contiguous(), scale.to(torch.float32).cpu()
-    if outtype == "f16":
-        writer.add_tensor(name, _f16(codes.to(torch.float32) * scale))
-        return
-    fmt = ops.FORMATS[outtype]
-    buf = ops.pack(codes, scale, outtype).numpy()
-    # An int8 view keeps the writer from converting the byte shape through its (I2_S-less) size table;
-    # the logical [M, K] shape and the ggml type id go in as they are.
-    writer.add_tensor(name, buf.view(np.int8), raw_shape=tuple(codes.shape), raw_dtype=fmt.ggml_type)
-
-
 # ---- tokenizer ----------------------------------------------------------------------------------
 
 
@@ -190,10 +188,10 @@ def _tokenizer(tokenizer: Any, path: Path | None):
     return tokenizer
 
 
-def _add_tokenizer(writer, tokenizer, config) -> None:
+def _vocab(tokenizer, n_vocab: int) -> dict:
+    """The ``BitnetWriter.add_vocab`` arguments of a transformers (fast, BPE) tokenizer, padded to n_vocab."""
     gguf = _gguf()
     vocab = tokenizer.get_vocab()
-    n_vocab = config.vocab_size
     if max(vocab.values()) >= n_vocab:
         raise ValueError(f"export_gguf: the tokenizer has ids up to {max(vocab.values())}, the model {n_vocab} rows")
     by_id = {i: tok for tok, i in vocab.items()}
@@ -213,30 +211,160 @@ def _add_tokenizer(writer, tokenizer, config) -> None:
     if model.get("type") != "BPE":
         raise ValueError(f"export_gguf: tokenizer.ggml.model gpt2 needs a BPE tokenizer, got {model.get('type')!r}")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for add, tok_id, cfg_id in (
-        (writer.add_bos_token_id, tokenizer.bos_token_id, config.bos_token_id),
-        (writer.add_eos_token_id, tokenizer.eos_token_id, config.eos_token_id),
-        (writer.add_pad_token_id, tokenizer.pad_token_id, config.pad_token_id),
-    ):
-        i = tok_id if tok_id is not None else cfg_id
-        if isinstance(i, int) and 0 <= i < n_vocab:
-            add(i)
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    return dict(
+        tokens=tokens,
+        types=types,
+        merges=merges,
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
 
 
 # ---- the file -----------------------------------------------------------------------------------
 
 
-def _write(writer_path: str, model: nn.Module, outtype: str, tokenizer) -> None:
-    gguf = _gguf()
+def architecture(outtype: str) -> str:
+    """``general.architecture`` of an outtype's files: bitnet.cpp's for i2_s, upstream llama.cpp's otherwise."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"export_gguf: outtype must be one of {OUTTYPES}, got {outtype!r}")
+    return I2S_ARCH if outtype == "i2_s" else _gguf().MODEL_ARCH_NAMES[_gguf().MODEL_ARCH.BITNET]
+
+
+def check_activation(config, outtype: str) -> None:
+    """Refuse a model whose FFN activation (``config.hidden_act``) is not the one the reader's graph
+    computes: bitnet.cpp's ``bitnet-b1.58`` computes relu(gate)^2 * up, llama.cpp's ``bitnet``
+    silu(gate) * up. Neither reads the activation from the file, so a mismatch would load and run,
+    and give wrong logits."""
+    arch = architecture(outtype)
+    want = ARCH_ACTIVATION[arch]
+    act = getattr(config, "hidden_act", None)
+    if act in ACTIVATION_ALIASES.get(want, (want,)):
+        return
+    fits = [t for t in OUTTYPES if act in ACTIVATION_ALIASES.get(ARCH_ACTIVATION[architecture(t)], ())]
+    hint = f"; a {act} model exports to {', '.join(fits)}" if fits else ""
+    raise ValueError(
+        f"export_gguf: the model has hidden_act={act!r}, but outtype {outtype} is read as architecture {arch!r}, "
+        f"whose graph computes the FFN with {want}{hint}"
+    )
+
+
+class BitnetWriter:
+    """One bitnet GGUF file being written (DESIGN.md section 3).
+
+    The hyperparameters come from a transformers ``BitNetConfig`` (only its fields are read, so no
+    model need exist); then the vocabulary and the tensors, in any order; :meth:`write` puts the file
+    on disk and closes it. :func:`export_gguf` feeds it a model's weights, bench/e2e.py random codes.
+    Tensors are held in memory until :meth:`write` (the packed size of the model).
+    """
+
+    def __init__(self, path: str | os.PathLike, config, outtype: str):
+        gguf = _gguf()
+        check_activation(config, outtype)
+        self.outtype = outtype
+        self.config = config
+        self.block = 1 if outtype == "f16" else ops.FORMATS[outtype].block_values
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+        file_type = {
+            "i2_s": I2S_FILE_TYPE,
+            "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
+            "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+        }[outtype]
+
+        w = self.writer = gguf.GGUFWriter(os.fspath(path), architecture(outtype))
+        w.add_name(getattr(config, "name_or_path", None) or "bitnet")
+        w.add_file_type(int(file_type))
+        w.add_vocab_size(config.vocab_size)
+        w.add_context_length(config.max_position_embeddings)
+        w.add_embedding_length(config.hidden_size)
+        w.add_block_count(config.num_hidden_layers)
+        w.add_feed_forward_length(config.intermediate_size)
+        w.add_rope_dimension_count(head_dim)
+        w.add_head_count(config.num_attention_heads)
+        w.add_head_count_kv(config.num_key_value_heads)
+        w.add_layer_norm_rms_eps(config.rms_norm_eps)
+        if theta is not None:
+            w.add_rope_freq_base(float(theta))
+
+    def add_vocab(
+        self,
+        tokens: list[str],
+        types: list[int],
+        merges: list[str],
+        bos: int | None = None,
+        eos: int | None = None,
+        pad: int | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        """A ``gpt2`` (byte-level BPE) vocabulary of ``config.vocab_size`` tokens and its merges ("a b"); special
+        ids outside it (or None) fall back to the config's, and are left out if those are missing too."""
+        n_vocab = self.config.vocab_size
+        if len(tokens) != n_vocab or len(types) != n_vocab:
+            raise ValueError(f"export_gguf: {len(tokens)} tokens and {len(types)} types for a vocabulary of {n_vocab}")
+        if not merges:  # the gguf package drops an empty array, and llama.cpp refuses a gpt2 vocabulary without
+            raise ValueError("export_gguf: a gpt2 (BPE) vocabulary needs merges; llama.cpp does not load one without")
+        w = self.writer
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(list(merges))
+        for add, tok_id, cfg_id in (
+            (w.add_bos_token_id, bos, self.config.bos_token_id),
+            (w.add_eos_token_id, eos, self.config.eos_token_id),
+            (w.add_pad_token_id, pad, self.config.pad_token_id),
+        ):
+            i = tok_id if tok_id is not None else cfg_id
+            if isinstance(i, int) and 0 <= i < n_vocab:
+                add(i)
+        if chat_template:
+            w.add_chat_template(chat_template)
+
+    def add_token_embedding(self, weight: Tensor) -> None:
+        """[vocab, hidden] -> ``token_embd.weight``, F16; also the output head."""
+        self.writer.add_tensor(tensor_name("TOKEN_EMBD"), _f16(weight))
+
+    def add_norm(self, kind: str, layer: int | None, weight: Tensor) -> None:
+        """An RMSNorm gain, F32: ``kind`` "OUTPUT_NORM" (layer None) or one of NORM_KINDS."""
+        self.writer.add_tensor(tensor_name(kind, layer), _f32(weight))
+
+    def add_projection(self, kind: str, layer: int, codes: Tensor, scale: Tensor) -> None:
+        """A ternary projection (one of PROJECTION_KINDS): int8 codes [M, K] in {-1, 0, 1} and its
+        float32 tensor scale, packed in the outtype's format (F16 ``codes * scale`` for f16)."""
+        codes, scale = codes.cpu().contiguous(), scale.to(torch.float32).cpu()
+        name = tensor_name(kind, layer)
+        if codes.shape[1] % self.block:
+            raise ValueError(
+                f"export_gguf: {name} has K={codes.shape[1]} inputs, not a multiple of the {self.outtype} "
+                f"block of {self.block}"
+            )
+        if self.outtype == "f16":
+            self.writer.add_tensor(name, _f16(codes.to(torch.float32) * scale))
+            return
+        buf = ops.pack(codes, scale, self.outtype).numpy()
+        # An int8 view keeps the writer from converting the byte shape through its (I2_S-less) size
+        # table; the logical [M, K] shape and the ggml type id go in as they are.
+        self.writer.add_tensor(
+            name, buf.view(np.int8), raw_shape=tuple(codes.shape), raw_dtype=ops.FORMATS[self.outtype].ggml_type
+        )
+
+    def write(self) -> None:
+        try:
+            self.writer.write_header_to_file()
+            self.writer.write_kv_data_to_file()
+            self.writer.write_tensors_to_file()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _write(path: str, model: nn.Module, outtype: str, tokenizer) -> None:
     config = model.config
-    arch = I2S_ARCH if outtype == "i2_s" else gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BITNET]
     block = 1 if outtype == "f16" else ops.FORMATS[outtype].block_values
     n_layers = config.num_hidden_layers
     projections = {
@@ -245,46 +373,22 @@ def _write(writer_path: str, model: nn.Module, outtype: str, tokenizer) -> None:
         for sub, kind in _PROJECTIONS.items()
     }
     _output_head_check(model)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    file_type = {
-        "i2_s": I2S_FILE_TYPE,
-        "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
-        "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-    }[outtype]
+    vocab = _vocab(tokenizer, config.vocab_size)
 
-    writer = gguf.GGUFWriter(writer_path, arch)
+    out = BitnetWriter(path, config, outtype)
     try:
-        writer.add_name(getattr(config, "name_or_path", None) or "bitnet")
-        writer.add_file_type(int(file_type))
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        if theta is not None:
-            writer.add_rope_freq_base(float(theta))
-        _add_tokenizer(writer, tokenizer, config)
-
-        writer.add_tensor(tensor_name("TOKEN_EMBD"), _f16(model.model.embed_tokens.weight))
-        writer.add_tensor(tensor_name("OUTPUT_NORM"), _f32(model.model.norm.weight))
+        out.add_vocab(**vocab)
+        out.add_token_embedding(model.model.embed_tokens.weight)
+        out.add_norm("OUTPUT_NORM", None, model.model.norm.weight)
         for i in range(n_layers):
             for sub, kind in _NORMS.items():
-                writer.add_tensor(tensor_name(kind, i), _f32(model.get_submodule(f"model.layers.{i}.{sub}").weight))
-            for kind in _PROJECTIONS.values():
-                _add_projection(writer, tensor_name(kind, i), projections[i, kind], outtype)
-
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+                out.add_norm(kind, i, model.get_submodule(f"model.layers.{i}.{sub}").weight)
+            for kind in PROJECTION_KINDS:
+                out.add_projection(kind, i, *projections[i, kind].ternary_weight())
+    except BaseException:
+        out.close()
+        raise
+    out.write()
 
 
 @torch.no_grad()
@@ -308,12 +412,13 @@ def export_gguf(
     Returns:
         the path written.
     Raises:
-        ValueError: unknown outtype or architecture, a projection that is not a plain ternary
-            BitLinear, K not a multiple of the format's block, an untied output head, or no tokenizer.
+        ValueError: unknown outtype or architecture, an FFN activation (hidden_act) that the outtype's
+            reader does not compute, a projection that is not a plain ternary BitLinear, K not a
+            multiple of the format's block, an untied output head, or no tokenizer.
     """
-    if outtype not in OUTTYPES:
-        raise ValueError(f"export_gguf: outtype must be one of {OUTTYPES}, got {outtype!r}")
+    architecture(outtype)  # an unknown outtype fails before the model loads
     model, path = _load(model_or_path)
+    check_activation(model.config, outtype)
     tokenizer = _tokenizer(tokenizer, path)
     outfile = Path(outfile)
     with atomic_path(outfile) as tmp:
