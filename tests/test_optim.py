@@ -10,6 +10,7 @@ import torch.distributed as dist
 import transformers  # noqa: E402
 from torch import nn
 
+from wrinklefree.train.distributed import teardown
 from wrinklefree.train.muon import MaxLogitTracker, find_attention_layers, newton_schulz, qk_clip
 from wrinklefree.train.optim import (
     LRSchedule,
@@ -513,6 +514,7 @@ def test_muon_fsdp2_single_process_matches_plain(tmp_path):
 def _fsdp2_worker(rank, world_size, init_file, out_file, cfgs, steps):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    finished = False
     try:
         results = []
         for cfg in cfgs:
@@ -523,9 +525,9 @@ def _fsdp2_worker(rank, world_size, init_file, out_file, cfgs, steps):
             results.append(full_params(model))  # full_tensor() is a collective: every rank calls it
         if rank == 0:
             torch.save(results, out_file)
-        dist.barrier()  # no rank hangs up while the other still talks (gloo aborts on that)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        teardown(clean=finished)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <utility>
 #include <limits>
+#include <numeric>
 #include <new>
 
 #include "cpu/common.h"
@@ -29,13 +30,12 @@ std::string shape_str(const std::vector<int64_t>& ne) {
   return s + "]";
 }
 
-// RMSNorm of N rows of K floats into out (float32), inv_rms computed in double as in the ops.
-void rms_norm(const float* x, const float* w, int64_t N, int64_t K, double eps, float* out) {
+// RMSNorm of N rows of K floats into out (float32), with the sum of squares of rmsnorm_act_quant.
+void rms_norm(const Kernels& k, const float* x, const float* w, int64_t N, int64_t K, double eps, float* out) {
   for (int64_t n = 0; n < N; ++n) {
-    double ss = 0.0;
-    for (int64_t k = 0; k < K; ++k) ss += double(x[n * K + k]) * double(x[n * K + k]);
-    const float inv = float(1.0 / std::sqrt(ss / double(K) + eps));
-    for (int64_t k = 0; k < K; ++k) out[n * K + k] = (x[n * K + k] * inv) * w[k];
+    const float* xr = x + n * K;
+    const float inv = float(1.0 / std::sqrt(k.lane_sum(xr, DType::F32, K, /*squares=*/true) / double(K) + eps));
+    for (int64_t i = 0; i < K; ++i) out[n * K + i] = (xr[i] * inv) * w[i];
   }
 }
 
@@ -58,7 +58,8 @@ Model::Model(const std::string& path, int64_t n_ctx, const std::string& head) {
   if (n_ctx < 0) fail("n_ctx must be >= 0, got " + std::to_string(n_ctx));
   file_ = std::make_unique<gguf::File>(path);
   load_hparams();
-  n_ctx_ = n_ctx ? n_ctx : hp_.context_length;
+  // At most the trained context (when the file gives one): past it the positions mean nothing.
+  n_ctx_ = hp_.context_length && (!n_ctx || n_ctx > hp_.context_length) ? hp_.context_length : n_ctx;
   if (n_ctx_ < 1) fail("n_ctx must be >= 1 (the file gives no context length)");
   load_weights(head);
   kv_bytes_ = size_t(hp_.n_layer) * 2 * size_t(hp_.n_head_kv) * size_t(n_ctx_) * size_t(hp_.head_dim) * 4;
@@ -212,7 +213,8 @@ void Model::load_weights(const std::string& head) {
   }
 
   if (head == "int8") {
-    // Per row: scale = max|w| / 127, w8 = round-half-even(w / scale), and the row sum i8_gemm needs.
+    // Per row, the activation quantizer (absmax to +-127, round half to even) gives the int8 row
+    // and q = w * s; i8_gemm wants the dequantization scale 1 / s and the row sum.
     head_ = Head::Int8;
     const int64_t V = hp_.n_vocab;
     head_i8_.resize(size_t(V * D));
@@ -221,27 +223,19 @@ void Model::load_weights(const std::string& head) {
     // In blocks of rows, each released once quantized, so the stored head's pages are never all
     // resident at once: the peak memory stays that of the int8 head (the f16 pages are not read
     // again; embedding lookups touch a few rows).
-    const int64_t row_bytes = D * (h->type == gguf::kF16 ? 2 : 4);
+    const DType dt = h->type == gguf::kF16 ? DType::F16 : DType::F32;
+    const int64_t row_bytes = D * int64_t(dtype_size(dt));
+    const Kernels& kern = active_kernels();
     const int64_t block = std::max<int64_t>(1, (int64_t(16) << 20) / row_bytes);  // 16 MB of rows
     for (int64_t b0 = 0; b0 < V; b0 += block) {
       const int64_t b1 = std::min(V, b0 + block);
       parallel_for(b1 - b0, (b1 - b0) * D, [&](int64_t r0, int64_t r1) {
-        std::vector<float> row(static_cast<size_t>(D));
         for (int64_t m = b0 + r0; m < b0 + r1; ++m) {
-          float amax = 0.0f;
-          for (int64_t k = 0; k < D; ++k) {
-            row[k] = head_f16_ ? f16_to_f32(head_f16_[m * D + k]) : head_f32_[m * D + k];
-            amax = std::max(amax, std::fabs(row[k]));
-          }
-          const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-          int32_t sum = 0;
-          for (int64_t k = 0; k < D; ++k) {
-            const int8_t v = int8_t(std::clamp(std::nearbyint(row[k] / scale), -127.0f, 127.0f));
-            head_i8_[size_t(m * D + k)] = v;
-            sum += v;
-          }
-          head_i8_scale_[size_t(m)] = scale;
-          head_i8_sum_[size_t(m)] = sum;
+          int8_t* q = head_i8_.data() + m * D;
+          float s;
+          kern.act_quant_row(h->data + m * row_bytes, dt, D, q, &s);
+          head_i8_scale_[size_t(m)] = 1.0f / s;
+          head_i8_sum_[size_t(m)] = std::accumulate(q, q + D, int32_t(0));
         }
       });
       f.release(h->data + b0 * row_bytes, (b1 - b0) * row_bytes);
@@ -289,7 +283,7 @@ void Model::output(const float* x, int64_t N, float* logits) const {
   const int64_t D = hp_.n_embd, V = hp_.n_vocab;
   const Kernels& k = active_kernels();
   std::vector<float> y(size_t(N * D));
-  rms_norm(x, output_norm_, N, D, hp_.rms_eps, y.data());
+  rms_norm(k, x, output_norm_, N, D, hp_.rms_eps, y.data());
   constexpr int64_t kRows = 64;  // head rows per work item
   const int64_t units = (V + kRows - 1) / kRows;
   if (head_ == Head::Int8) {

@@ -42,7 +42,7 @@ struct Layer {
 
 class Model {
  public:
-  // n_ctx: KV cache positions (0: the file's context length). head: "f16" (the stored head) or
+  // n_ctx: KV cache positions, at most the file's context length (0: that length). head: "f16" (the stored head) or
   // "int8" (rows quantized at load to int8 with a float scale each).
   Model(const std::string& path, int64_t n_ctx, const std::string& head);
   ~Model();

@@ -36,20 +36,12 @@ inline void generic_glu(const float* g, const float* u, float* out, int64_t n, b
 
 inline void generic_f16_gemm(const float* x, int64_t N, int64_t K, const uint16_t* W, int64_t m0, int64_t m1,
                              float* out, int64_t ldo) {
-  float row[256];
-  for (int64_t m = m0; m < m1; ++m) {
-    float acc[64] = {};  // up to 64 activation rows per pass
-    for (int64_t n0 = 0; n0 < N; n0 += 64) {
-      const int64_t nn = N - n0 < 64 ? N - n0 : 64;
-      for (int64_t j = 0; j < nn; ++j) acc[j] = 0.0f;
-      for (int64_t k0 = 0; k0 < K; k0 += 256) {
-        const int64_t kk = K - k0 < 256 ? K - k0 : 256;
-        for (int64_t k = 0; k < kk; ++k) row[k] = f16_to_f32(W[m * K + k0 + k]);
-        for (int64_t j = 0; j < nn; ++j) acc[j] += generic_dot_f32(x + (n0 + j) * K + k0, row, kk);
-      }
-      for (int64_t j = 0; j < nn; ++j) out[(n0 + j) * ldo + m] = acc[j];
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t k = 0; k < K; ++k) acc[k % 8] += x[n * K + k] * f16_to_f32(W[m * K + k]);
+      out[n * ldo + m] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     }
-  }
 }
 
 inline void generic_i8_gemm(const uint8_t* xu, const float* x_scale, int64_t N, int64_t K, const int8_t* W,

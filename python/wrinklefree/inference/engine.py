@@ -89,9 +89,6 @@ class Engine:
         self._native = _C.Engine(str(path), n_ctx, head)
         self.path = path
         self.metadata: dict[str, Any] = self._native.metadata()
-        # The KV cache takes memory only as positions fill, so the native context may stay larger than the
-        # limit kept here: the model's trained context, past which its positions mean nothing.
-        self._n_ctx = min(n_ctx, self.metadata.get(f"{self.arch}.context_length") or n_ctx)
         self.tokenizer = GGUFTokenizer(self.metadata)
         self.last_stats = GenerationStats()
         self._logits = torch.empty(self.n_vocab, dtype=torch.float32)
@@ -108,7 +105,7 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         """Context length: the ``n_ctx`` asked for, capped at the file's context_length."""
-        return self._n_ctx
+        return self._native.n_ctx
 
     @property
     def n_past(self) -> int:
@@ -127,8 +124,6 @@ class Engine:
             ValueError: no tokens, an id out of range, or more tokens than the context has room for.
         """
         tokens = list(tokens)
-        if self.n_past + len(tokens) > self.n_ctx:
-            raise ValueError(f"{self.n_past} cached + {len(tokens)} new tokens exceed the context of {self.n_ctx}")
         out = torch.empty((len(tokens), self.n_vocab) if all_logits else self.n_vocab, dtype=torch.float32)
         self._native.eval(tokens, out.data_ptr(), all_logits)
         return out

@@ -25,10 +25,12 @@ def main(cfg: DictConfig) -> None:
     from wrinklefree.train.trainer import Trainer
 
     trainer = Trainer(cfg)
+    finished = False
     try:
         trainer.fit()
+        finished = True
     finally:
-        trainer.close()
+        trainer.close(clean=finished)
 
 
 if __name__ == "__main__":

@@ -65,11 +65,16 @@ def setup(strategy: str, device_preference: str, backend: str = "auto") -> DistC
     return DistContext(strategy, rank, world_size, local_rank, device)
 
 
-def teardown() -> None:
+def teardown(clean: bool = True) -> None:
+    """Destroy the process group, if there is one.
+
+    ``clean``: this rank finished its work normally. Then every rank first meets at a barrier, so none
+    closes its connections while a peer is still in a collective (gloo aborts that peer: "terminate
+    called without an active exception"). After an error there is no barrier: the other ranks may be
+    inside a collective this rank will never join, and would wait for it forever.
+    """
     if dist.is_available() and dist.is_initialized():
-        # Every rank reaches this point before any closes its connections: gloo aborts a process
-        # ("terminate called without an active exception") when a peer hangs up mid-operation.
-        if dist.get_world_size() > 1:
+        if clean and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
 

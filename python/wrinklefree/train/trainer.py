@@ -464,5 +464,6 @@ class Trainer:
             flush=True,
         )
 
-    def close(self) -> None:
-        distributed.teardown()
+    def close(self, clean: bool = True) -> None:
+        """Release the process group; ``clean=False`` after an error (see :func:`distributed.teardown`)."""
+        distributed.teardown(clean)
