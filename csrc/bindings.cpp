@@ -51,6 +51,10 @@ PYBIND11_MODULE(_C, m) {
   using release = py::call_guard<py::gil_scoped_release>;
 
   m.def(
+      "pairwise_sum",
+      [](uintptr_t x, int dt, int64_t n, bool squares) { return wf::pairwise_sum(ptr<const void>(x), dtype(dt), n, squares); },
+      release(), "Fixed-order float64 sum of |x| (or x^2) over n elements (ops/reference.py: pairwise_sum).");
+  m.def(
       "ternary_quant",
       [](uintptr_t w, int dt, int64_t n, uintptr_t codes) {
         return wf::ternary_quant(ptr<const void>(w), dtype(dt), n, ptr<int8_t>(codes));

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from wrinklefree import ops
+from wrinklefree import _C, ops
 from wrinklefree.ops import reference
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,8 +39,39 @@ def test_ternary_quant_matches_reference(isa, dtype, shape):
     assert scale.dim() == 0 and set(codes.unique().tolist()) <= {-1, 0, 1}
 
 
+def test_pairwise_sum_hand_worked():
+    # pairwise: (2^53 + 1) + (1 + 1) = 2^53 + 2 (the first sum rounds to even); summed left to
+    # right, each +1 is lost and the total stays 2^53
+    v = torch.tensor([[2.0**53, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    assert reference.pairwise_sum(v).item() == 2.0**53 + 2
+    # the padding to a power of two: 5 elements sum as ((a + b) + (c + d)) + e, and
+    # (2^53 + 2) + 1 is a tie that rounds to the even 2^53 + 4
+    v = torch.tensor([[2.0**53, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    assert reference.pairwise_sum(v).item() == 2.0**53 + 4
+    # blocks of PAIR_CHUNK combine as the whole row's tree would
+    v = torch.rand(3, 5 * reference.PAIR_CHUNK + 17, dtype=torch.float64) * 2.0 ** torch.randint(-30, 30, (1,))
+    width = 8 * reference.PAIR_CHUNK
+    flat = torch.nn.functional.pad(v, (0, width - v.shape[1]))
+    while flat.shape[1] > 1:
+        flat = flat[:, 0::2] + flat[:, 1::2]
+    assert torch.equal(reference.pairwise_sum(v), flat[:, 0])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 1000, 1024, 1025, 4096 + 3, 70 * 1024 + 9])
+@pytest.mark.parametrize("squares", [False, True])
+def test_pairwise_sum_kernel_matches_reference(isa, dtype, n, squares):
+    # a wide range of magnitudes, so that a different order of additions would show in the bits
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 20, (n,), generator=g).float()).to(dtype)
+    got = _C.pairwise_sum(x.data_ptr(), {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype], n, squares)
+    xd = x.to(torch.float64)
+    want = reference.pairwise_sum((xd * xd if squares else xd.abs()).view(1, -1)).item()
+    assert got == want
+
+
 def test_ternary_quant_large_tensor_spans_many_chunks(isa):
-    # > SUM_CHUNK elements and not a multiple of it: exercises the chunked, threaded mean
+    # > 64 blocks of PAIR_CHUNK and not a multiple of it: the threaded, pairwise-combined mean
     w = torch.randn(331, 1000) * 0.05
     codes, scale = ops.ternary_quant(w)
     ref_codes, ref_scale = reference.ternary_quant(w)

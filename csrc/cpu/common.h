@@ -1,6 +1,7 @@
 // Shared definitions for the CPU kernels: element types, half-precision conversion, errors.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -88,14 +89,58 @@ inline auto dispatch_dtype(DType d, F&& f) {
 constexpr float kWeightScaleFloor = 1e-5f;  // s = max(mean|W|, 1e-5)
 constexpr float kActAbsmaxFloor = 1e-5f;    // a = max(max|x|, 1e-5)
 
-// Fixed-order double reductions. Every backend sums v[i] into lane i % 8 in index order and
-// combines the lanes as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), so all ISAs and the PyTorch
-// reference produce the same bits (see ops/reference.py: _lane_sum).
-inline double combine_lanes(const double l[8]) {
-  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+// Fixed-order double reductions (see ops/reference.py: pairwise_sum). The sum of a sequence is
+// the pairwise sum of the sequence padded with zeros to a power of two: S(v) = S(first half) +
+// S(second half). Zeros add exactly nothing, so any power-of-two block of it can be summed on its
+// own: kernels sum blocks of kPairChunk elements (Kernels::chunk_sum) and combine the block sums
+// pairwise (pairwise_combine). Every backend (CPU ISAs, CUDA, Triton, the PyTorch reference) gives
+// the same bits, whatever its threads or vector width.
+constexpr int64_t kPairChunk = 1024;
+
+// Pairwise sum of n <= kPairChunk doubles in buf (clobbered): the portable version of chunk_sum's
+// reduction step, shared by the scalar and AVX2 tables.
+inline double pairwise_reduce(double* buf, int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  for (int64_t i = n; i < p; ++i) buf[i] = 0.0;
+  for (int64_t len = p; len > 1; len >>= 1)
+    for (int64_t i = 0; i < len / 2; ++i) buf[i] = buf[2 * i] + buf[2 * i + 1];
+  return buf[0];
 }
-// The weight mean is reduced in chunks of this many elements (summed in order), so threads can
-// share the work without changing the result.
-constexpr int64_t kSumChunk = 1 << 16;
+
+// Portable chunk_sum: the pairwise sum of |x[i]| (or x[i]^2) over n <= kPairChunk elements.
+template <DType D>
+double chunk_sum_generic(const void* x, int64_t n, bool squares) {
+  alignas(64) double buf[kPairChunk];
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = double(load_f32<D>(x, i));
+    buf[i] = squares ? v * v : std::fabs(v);
+  }
+  return pairwise_reduce(buf, n);
+}
+
+// Pairwise sum of block sums s[0..count), each block a power of two of the same size: the
+// combination the padded tree makes. A binary counter merges equal-sized neighbours as they
+// complete; what is left is added from the smallest (right-most) block up, which is what the
+// zero padding to a power of two makes of it.
+inline double pairwise_combine(const double* s, int64_t count) {
+  double stack[64];
+  int level[64];
+  int top = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    double v = s[i];
+    int lv = 0;
+    while (top > 0 && level[top - 1] == lv) {
+      v = stack[--top] + v;
+      ++lv;
+    }
+    stack[top] = v;
+    level[top++] = lv;
+  }
+  if (top == 0) return 0.0;
+  double acc = stack[--top];
+  while (top > 0) acc = stack[--top] + acc;
+  return acc;
+}
 
 }  // namespace wf

@@ -2,6 +2,9 @@
 // their own target flags; isa.cpp picks one at run time. All tables give identical integer results.
 #pragma once
 
+#include <algorithm>
+#include <vector>
+
 #include "cpu/common.h"
 
 namespace wf {
@@ -9,8 +12,9 @@ namespace wf {
 struct Kernels {
   const char* name;
 
-  // Fixed-order sum of |x[i]| (or x[i]^2 when squares) over n elements, in double.
-  double (*lane_sum)(const void* x, DType dt, int64_t n, bool squares);
+  // Pairwise sum (common.h) of |x[i]| (or x[i]^2 when squares) over n <= kPairChunk elements, in
+  // double; pairwise_sum in ops.h extends it to any n.
+  double (*chunk_sum)(const void* x, DType dt, int64_t n, bool squares);
 
   // out[i] = clamp(round(w[i] * inv), -1, 1) for n elements.
   void (*ternary_round)(const void* w, DType dt, int64_t n, float inv, int8_t* out);
@@ -90,5 +94,24 @@ void for_each_tile(int64_t N, int64_t m0, int64_t m1, int64_t R, int64_t C, cons
 namespace scalar { const Kernels& kernels(); }
 namespace avx2 { const Kernels& kernels(); }
 namespace avx512 { const Kernels& kernels(); }
+
+// Pairwise sum (common.h) of |x[i]| (or x[i]^2) over any n >= 0 elements: k.chunk_sum on blocks
+// of kPairChunk, combined pairwise.
+inline double pairwise_sum(const Kernels& k, const void* x, DType dt, int64_t n, bool squares) {
+  constexpr int kStack = 64;
+  double sums[kStack];
+  const auto* base = static_cast<const uint8_t*>(x);
+  const size_t es = dtype_size(dt);
+  if (n <= kPairChunk * kStack) {
+    int64_t count = 0;
+    for (int64_t b = 0; b < n; b += kPairChunk)
+      sums[count++] = k.chunk_sum(base + b * es, dt, std::min(kPairChunk, n - b), squares);
+    return pairwise_combine(sums, count);
+  }
+  std::vector<double> all;
+  for (int64_t b = 0; b < n; b += kPairChunk)
+    all.push_back(k.chunk_sum(base + b * es, dt, std::min(kPairChunk, n - b), squares));
+  return pairwise_combine(all.data(), int64_t(all.size()));
+}
 
 }  // namespace wf

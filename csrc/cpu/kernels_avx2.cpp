@@ -50,31 +50,8 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-template <DType D>
-double lane_sum_t(const void* x, int64_t n, bool squares) {
-  // acc_lo holds lanes 0..3 and acc_hi lanes 4..7 of the fixed-order sum.
-  __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256 v = load8<D>(x, i, std::min<int64_t>(8, n - i));
-    __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-    if (squares) {
-      lo = _mm256_mul_pd(lo, lo);
-      hi = _mm256_mul_pd(hi, hi);
-    } else {
-      lo = abs_pd(lo);
-      hi = abs_pd(hi);
-    }
-    acc_lo = _mm256_add_pd(acc_lo, lo);
-    acc_hi = _mm256_add_pd(acc_hi, hi);
-  }
-  double lanes[8];
-  _mm256_storeu_pd(lanes, acc_lo);
-  _mm256_storeu_pd(lanes + 4, acc_hi);
-  return combine_lanes(lanes);
-}
-
-double lane_sum(const void* x, DType dt, int64_t n, bool squares) {
-  return dispatch_dtype(dt, [&]<DType D>() { return lane_sum_t<D>(x, n, squares); });
+double chunk_sum(const void* x, DType dt, int64_t n, bool squares) {
+  return dispatch_dtype(dt, [&]<DType D>() { return chunk_sum_generic<D>(x, n, squares); });
 }
 
 // Rounds 8 floats to nearest even and clamps to [lo, hi] as int32.
@@ -243,7 +220,7 @@ int64_t int8_macs(int64_t iters) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{"avx2",          lane_sum,         ternary_round,   act_quant_row,
+  static const Kernels k{"avx2",          chunk_sum,         ternary_round,   act_quant_row,
                          norm_quant_row,   i2s_prepare_row,  i2s_gemm,        generic_f16_gemm,
                          generic_i8_gemm,  generic_dot_f32,  generic_axpy_f32, generic_glu,     read_bytes,
                          int8_macs};

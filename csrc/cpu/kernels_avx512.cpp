@@ -33,12 +33,23 @@ inline __m512 load16(const void* p, int64_t i, __mmask16 m = 0xffff) {
   }
 }
 
+// One level of the pairwise tree on 16 consecutive doubles (a: 0..7, b: 8..15): the 8 sums of
+// neighbours (0+1, 2+3, ..., 14+15), in order.
+inline __m512d pair_sums(__m512d a, __m512d b) {
+  const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m512i odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+  return _mm512_add_pd(_mm512_permutex2var_pd(a, even, b), _mm512_permutex2var_pd(a, odd, b));
+}
+
 template <DType D>
-double lane_sum_t(const void* x, int64_t n, bool squares) {
-  // Lane j of `acc` holds the sum of elements i with i % 8 == j, added in index order: the low
-  // half of each 16-float load comes before the high half.
-  __m512d acc = _mm512_setzero_pd();
-  auto add = [&](__m512 v) {
+double chunk_sum_t(const void* x, int64_t n, bool squares) {
+  // The first level is taken on the loaded values; the rest in place on buf. Lanes past n load
+  // as zeros, which is the padding of the tree.
+  alignas(64) double buf[kPairChunk / 2];
+  int64_t p = 16;
+  while (p < n) p <<= 1;
+  for (int64_t i = 0; i < p; i += 16) {
+    const __m512 v = i + 16 <= n ? load16<D>(x, i) : (i < n ? load16<D>(x, i, tail_mask(n - i)) : _mm512_setzero_ps());
     __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
     __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
     if (squares) {
@@ -48,19 +59,16 @@ double lane_sum_t(const void* x, int64_t n, bool squares) {
       lo = _mm512_abs_pd(lo);
       hi = _mm512_abs_pd(hi);
     }
-    acc = _mm512_add_pd(acc, lo);
-    acc = _mm512_add_pd(acc, hi);
-  };
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) add(load16<D>(x, i));
-  if (i < n) add(load16<D>(x, i, tail_mask(n - i)));  // zeros add exactly nothing
-  alignas(64) double lanes[8];
-  _mm512_store_pd(lanes, acc);
-  return combine_lanes(lanes);
+    _mm512_store_pd(buf + i / 2, pair_sums(lo, hi));
+  }
+  for (int64_t len = p / 2; len > 8; len /= 2)
+    for (int64_t i = 0; i < len; i += 16)
+      _mm512_store_pd(buf + i / 2, pair_sums(_mm512_load_pd(buf + i), _mm512_load_pd(buf + i + 8)));
+  return pairwise_reduce(buf, 8);
 }
 
-double lane_sum(const void* x, DType dt, int64_t n, bool squares) {
-  return dispatch_dtype(dt, [&]<DType D>() { return lane_sum_t<D>(x, n, squares); });
+double chunk_sum(const void* x, DType dt, int64_t n, bool squares) {
+  return dispatch_dtype(dt, [&]<DType D>() { return chunk_sum_t<D>(x, n, squares); });
 }
 
 void ternary_round(const void* w, DType dt, int64_t n, float inv, int8_t* out) {
@@ -578,7 +586,7 @@ int64_t int8_macs(int64_t iters) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{"avx512",       lane_sum,        ternary_round, act_quant_row, norm_quant_row,
+  static const Kernels k{"avx512",       chunk_sum,        ternary_round, act_quant_row, norm_quant_row,
                          i2s_prepare_row, i2s_gemm,        f16_gemm,      i8_gemm,       dot_f32,
                          axpy_f32,        glu,             read_bytes,    int8_macs};
   return k;

@@ -8,18 +8,8 @@
 namespace wf::scalar {
 namespace {
 
-template <DType D>
-double lane_sum_t(const void* x, int64_t n, bool squares) {
-  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = double(load_f32<D>(x, i));
-    lanes[i & 7] += squares ? v * v : std::fabs(v);
-  }
-  return combine_lanes(lanes);
-}
-
-double lane_sum(const void* x, DType dt, int64_t n, bool squares) {
-  return dispatch_dtype(dt, [&]<DType D>() { return lane_sum_t<D>(x, n, squares); });
+double chunk_sum(const void* x, DType dt, int64_t n, bool squares) {
+  return dispatch_dtype(dt, [&]<DType D>() { return chunk_sum_generic<D>(x, n, squares); });
 }
 
 inline int8_t round_clamp(float v, float lo, float hi) {
@@ -117,7 +107,7 @@ int64_t int8_macs(int64_t iters) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{"scalar",          lane_sum,         ternary_round,   act_quant_row,
+  static const Kernels k{"scalar",          chunk_sum,         ternary_round,   act_quant_row,
                          norm_quant_row,   i2s_prepare_row,  i2s_gemm,        generic_f16_gemm,
                          generic_i8_gemm,  generic_dot_f32,  generic_axpy_f32, generic_glu,     read_bytes,
                          int8_macs};

@@ -32,26 +32,30 @@ void check_positive(const char* what, int64_t v) {
 
 }  // namespace
 
+double pairwise_sum(const void* x, DType dt, int64_t n, bool squares) {
+  check_positive("x.numel()", n);
+  return pairwise_sum(active_kernels(), x, dt, n, squares);
+}
+
 float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes) {
   check_positive("w.numel()", n);
   const Kernels& k = active_kernels();
   const size_t es = dtype_size(dt);
   const auto* base = static_cast<const uint8_t*>(w);
-  // Chunk sums in parallel, combined in chunk order: the result does not depend on threads.
-  const int64_t n_chunks = (n + kSumChunk - 1) / kSumChunk;
+  // Block sums in parallel, combined pairwise: the result does not depend on the thread count.
+  const int64_t n_chunks = (n + kPairChunk - 1) / kPairChunk;
   std::vector<double> partial(n_chunks);
   parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t b = c * kSumChunk, len = std::min(kSumChunk, n - b);
-      partial[c] = k.lane_sum(base + b * es, dt, len, /*squares=*/false);
+      const int64_t b = c * kPairChunk, len = std::min(kPairChunk, n - b);
+      partial[c] = k.chunk_sum(base + b * es, dt, len, /*squares=*/false);
     }
   });
-  double total = 0.0;
-  for (double p : partial) total += p;
+  const double total = pairwise_combine(partial.data(), n_chunks);
   const float s = std::max(float(total / double(n)), kWeightScaleFloor);
   const float inv = 1.0f / s;
   parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
-    const int64_t b = c0 * kSumChunk, e = std::min(c1 * kSumChunk, n);
+    const int64_t b = c0 * kPairChunk, e = std::min(c1 * kPairChunk, n);
     k.ternary_round(base + b * es, dt, e - b, inv, codes + b);
   });
   return s;
@@ -78,7 +82,7 @@ void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* xr = static_cast<const uint8_t*>(x) + n * row;
-      const double ms = k.lane_sum(xr, dt, K, /*squares=*/true) / double(K);
+      const double ms = pairwise_sum(k, xr, dt, K, /*squares=*/true) / double(K);
       const float inv_rms = float(1.0 / std::sqrt(ms + eps));
       k.norm_quant_row(xr, dt, w, K, inv_rms, q + n * K, scale + n);
     }

@@ -10,6 +10,9 @@
 
 namespace wf {
 
+// Pairwise sum (common.h) of |x[i]|, or x[i]^2 when squares, in double, on the active ISA.
+double pairwise_sum(const void* x, DType dt, int64_t n, bool squares);
+
 // codes[i] = clamp(round(w[i] / s), -1, 1) with s = max(mean|w|, 1e-5); returns s.
 float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes);
 

@@ -3,9 +3,11 @@
 They follow DESIGN.md section 2 exactly, including the order of floating-point operations, so the
 integer outputs of every backend match them bit for bit:
 
-* reductions that feed a rounding step (the weight mean, the RMSNorm sum of squares) are done in
-  float64 in a fixed order (:func:`_lane_sum`): element i goes to lane i % 8, each lane is summed
-  in index order, lanes are combined as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7));
+* reductions that feed a rounding step (the weight mean, the RMSNorm sum of squares) are float64
+  pairwise sums (:func:`pairwise_sum`): the sequence is padded with zeros to a power of two and
+  ``S(v) = S(first half) + S(second half)``. The order is fixed, so every backend gives the same
+  bits, and it splits into independent power-of-two blocks (zeros add exactly nothing), so CPU
+  threads, SIMD lanes and GPU programs can each take a block;
 * scales and products are float32, multiplying by the reciprocal (``x * (127 / a)``);
 * rounding is half-to-even (``torch.round``).
 """
@@ -17,22 +19,32 @@ from torch import Tensor
 
 WEIGHT_SCALE_FLOOR = 1e-5
 ACT_ABSMAX_FLOOR = 1e-5
-SUM_CHUNK = 1 << 16  # the weight mean is reduced in chunks of this many elements, in chunk order
+PAIR_CHUNK = 1024  # kernels sum blocks of this many elements, then combine the block sums pairwise
 
 
-def _lane_sum(v: Tensor) -> Tensor:
-    """Fixed-order float64 sum over the last dim of ``v`` [R, L] -> [R] (see module docstring)."""
+def _pairwise_rows(v: Tensor) -> Tensor:
+    """Pairwise sum over the last dim of float64 ``v`` [R, L] -> [R], L padded to a power of two."""
+    width = 1 << max(v.shape[1] - 1, 0).bit_length()
+    if width != v.shape[1]:
+        v = torch.nn.functional.pad(v, (0, width - v.shape[1]))  # adding +0.0 changes nothing
+    while v.shape[1] > 1:
+        v = v[:, 0::2] + v[:, 1::2]  # one level of the tree: neighbours, in order
+    return v[:, 0]
+
+
+def pairwise_sum(v: Tensor) -> Tensor:
+    """Fixed-order float64 sum over the last dim of ``v`` [R, L] -> [R] (see module docstring).
+
+    Summed in blocks of :data:`PAIR_CHUNK` whose sums are then combined pairwise, which equals the
+    pairwise sum of the whole row and keeps the padding small.
+    """
     v = v.to(torch.float64)
     rows, length = v.shape
-    pad = (-length) % 8
-    if pad:
-        v = torch.nn.functional.pad(v, (0, pad))  # adding +0.0 leaves a lane unchanged
-    if v.shape[1] == 0:
-        return v.new_zeros(rows)
-    # cumsum runs sequentially along dim 1: lane j accumulates v[8t + j] for t = 0, 1, 2, ...
-    lanes = v.view(rows, -1, 8).cumsum(dim=1)[:, -1, :]
-    l0, l1, l2, l3, l4, l5, l6, l7 = lanes.unbind(dim=1)
-    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+    if length <= PAIR_CHUNK:
+        return _pairwise_rows(v)
+    v = torch.nn.functional.pad(v, (0, (-length) % PAIR_CHUNK))
+    blocks = _pairwise_rows(v.reshape(-1, PAIR_CHUNK)).view(rows, -1)
+    return _pairwise_rows(blocks)
 
 
 def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,10 +53,9 @@ def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
     ``s = max(mean(|w|), 1e-5)``, ``codes = clamp(round(w * (1/s)), -1, 1)``.
     Returns ``(codes int8, same shape as w; s float32 0-dim)``; ``codes * s`` dequantizes.
     """
-    flat = w.reshape(-1).abs().to(torch.float64)
+    flat = w.reshape(1, -1).abs()
     n = flat.numel()
-    chunks = torch.nn.functional.pad(flat, (0, (-n) % SUM_CHUNK)).view(-1, SUM_CHUNK)
-    total = _lane_sum(chunks).cumsum(0)[-1]  # chunk sums added in chunk order
+    total = pairwise_sum(flat)[0]
     s = torch.clamp((total / n).to(torch.float32), min=WEIGHT_SCALE_FLOOR)
     inv = torch.ones_like(s) / s
     codes = torch.clamp(torch.round(w.to(torch.float32) * inv), -1, 1).to(torch.int8)
@@ -71,10 +82,10 @@ def act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
 def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm as the fused op computes it, in float32: ``(x * inv_rms) * weight``.
 
-    ``inv_rms = float32(1 / sqrt(sum(x^2) / K + eps))`` with the sum in float64, fixed order.
+    ``inv_rms = float32(1 / sqrt(sum(x^2) / K + eps))`` with the sum a float64 pairwise sum.
     """
     x = x.to(torch.float32)
-    ms = _lane_sum(x.to(torch.float64).square()) / x.shape[-1]
+    ms = pairwise_sum(x.to(torch.float64).square()) / x.shape[-1]
     inv = (1.0 / torch.sqrt(ms + eps)).to(torch.float32)
     return (x * inv[:, None]) * weight.to(torch.float32)
 
