@@ -1,7 +1,15 @@
-import pytest
+import os
+
 import torch
 
-from wrinklefree import ops
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; the flag must be
+# set before any kernel is defined (tests/test_triton.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from wrinklefree import ops  # noqa: E402
 
 ISAS = ops.supported_isas()
 

@@ -313,6 +313,12 @@ def test_torch_compile_matches_eager_and_follows_the_schedule():
     x = torch.randn(3, 64)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(3):  # lam = 0, 0.5, 1: one graph, the value read from the tensor
+        for _ in range(2):  # lam = 0, 0.5: one graph, the value read from the tensor
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
             schedule.step()
+    # lam = 1: one recompile into the fused op, then that graph for good
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            schedule.step()
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)

@@ -5,6 +5,11 @@ Training: the weight stays a full-precision latent tensor; each forward fake-qua
 blended by the warm-up factor of the model's :class:`~wrinklefree.nn.QuantSchedule`. Optionally a
 SubLN (RMSNorm) first normalizes the input, and Q-Sparse keeps only the largest inputs.
 
+Once the warm-up is over (``lam = 1``), training runs the fused op :func:`wrinklefree.ops.bitlinear_train`
+instead: SubLN and int8 quantization in one pass, the product of int8 activations and ternary
+codes accumulated exactly (int8 tensor cores on GPU), and a backward that keeps the int8
+activations instead of a float copy of the input. ``WF_FUSED_BITLINEAR=0`` turns it off.
+
 Inference: :meth:`BitLinear.pack` freezes the layer to I2_S codes and scale (about M*K/4 bytes)
 and the forward runs the packed matmul kernel of :mod:`wrinklefree.ops`.
 
@@ -15,6 +20,7 @@ unquantized input.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -28,6 +34,7 @@ from wrinklefree.nn.subln import SubLN
 from wrinklefree.ops.fake_quant import act_fake_quant, ternary_fake_quant
 
 I2S_BLOCK = 128  # I2_S packs the input dim in blocks of this many values
+FUSED = os.environ.get("WF_FUSED_BITLINEAR", "1") != "0"
 
 
 class BitLinear(nn.Linear):
@@ -95,8 +102,27 @@ class BitLinear(nn.Linear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input last dim must be {self.in_features}, got {tuple(x.shape)}")
 
+    @property
+    def fully_quantized(self) -> bool:
+        """True once the warm-up is over (``lam = 1``), known on the host."""
+        return self.schedule is None or self.schedule.full
+
+    def _use_fused(self) -> bool:
+        return FUSED and not self.is_packed and self.qsparse is None and self.fully_quantized
+
+    def _fused(self, h: Tensor, norm: SubLN | None) -> Tensor:
+        """The fused training op on ``h`` [..., in] (with ``norm`` applied inside, if given)."""
+        h2 = _kernel_dtype(h.reshape(-1, self.in_features).contiguous())
+        nw = norm.weight if norm is not None else None
+        y = ops.bitlinear_train(h2, self.weight, nw, norm.eps if norm is not None else 0.0)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(h.dtype).reshape(*h.shape[:-1], self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if self._use_fused():
+            return self._fused(x, self.subln)
         if self.is_packed and self.subln is not None and self.qsparse is None:
             # inference: SubLN and the int8 quantization in one pass (the fused kernel op)
             x2 = x.detach().reshape(-1, self.in_features).contiguous()
@@ -114,6 +140,8 @@ class BitLinear(nn.Linear):
             h2 = _kernel_dtype(h.detach().reshape(-1, self.in_features).contiguous())
             q, x_scale = ops.act_quant_int8(h2)
             return self._packed_matmul(q, x_scale, h)
+        if self._use_fused():
+            return self._fused(h, None)
         lam = self.lam
         return F.linear(act_fake_quant(h, lam), ternary_fake_quant(self.weight, lam), self.bias)
 
@@ -253,7 +281,8 @@ class BitLinearLRC(BitLinear):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         h = self.subln(x) if self.subln is not None else x  # normalized once, for both paths
-        y = self._ternary_linear(h)
+        # the fused op normalizes inside, as a plain BitLinear does, so a zero U changes nothing
+        y = self._fused(x, self.subln) if self._use_fused() else self._ternary_linear(h)
         return y + F.linear(F.linear(h.to(self.lrc_v.dtype), self.lrc_v), self.lrc_u).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -68,7 +68,11 @@ class QuantSchedule:
         return math.expm1(k * t) / math.expm1(k)
 
     def _update(self) -> None:
-        self.lam.fill_(self.lam_at(self.current_step))
+        value = self.lam_at(self.current_step)
+        self.lam.fill_(value)
+        # Known on the host, so a layer can pick the fully quantized kernels without reading lam
+        # back from a device; torch.compile guards on it and recompiles once when it turns True.
+        self.full = value >= 1.0
 
     def step(self) -> float:
         """Advance one step; returns the new factor."""

@@ -14,6 +14,10 @@ Packed formats (DESIGN.md section 3):
     pack(codes, scale, fmt) -> uint8                   fmt in FORMATS: i2_s, tq2_0, tq1_0
     unpack(buf, shape, fmt) -> (codes, scale)
 
+Training (fused, straight-through backward; DESIGN.md section 2):
+    bitlinear_train(x, weight, norm_weight, eps) -> float32 [N, M]   lam = 1 BitLinear, int8 x ternary
+    relu2_glu(gate, up) -> relu(gate)^2 * up
+
 Matmul on packed I2_S weights:
     i2s_matmul(q, x_scale, packed, out_features) -> float32 [N, M]
     bitlinear_infer(x, packed, out_features) -> float32 [N, M]
@@ -32,12 +36,14 @@ from wrinklefree.ops.cpu import (
 from wrinklefree.ops.i2s import bitlinear_infer, i2s_matmul
 from wrinklefree.ops.packing import FORMATS, PackedFormat, get_format, pack, unpack
 from wrinklefree.ops.quant import act_quant_int8, rmsnorm_act_quant, ternary_quant
+from wrinklefree.ops.train import bitlinear_train, relu2_glu
 
 __all__ = [
     "FORMATS",
     "PackedFormat",
     "act_quant_int8",
     "bitlinear_infer",
+    "bitlinear_train",
     "get_backend",
     "get_format",
     "get_isa",
@@ -46,6 +52,7 @@ __all__ = [
     "int8_mac_rate",
     "pack",
     "read_bandwidth",
+    "relu2_glu",
     "rmsnorm_act_quant",
     "set_backend",
     "set_isa",

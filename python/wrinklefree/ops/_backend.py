@@ -89,6 +89,21 @@ def cuda_core() -> ModuleType | None:
     return core
 
 
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """:mod:`wrinklefree.triton_kernels` (imported on first use, cached), or None where Triton is
+    not installed. The ops' CUDA kernels use it first; without it they use ``_C_cuda`` or the
+    reference."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    module = importlib.import_module("wrinklefree.triton_kernels")
+    for name in ("quant", "bitlinear", "glu"):
+        importlib.import_module(f"wrinklefree.triton_kernels.{name}")
+    return module
+
+
 def eager_cpu(*tensors: object) -> bool:
     """True when a call can skip the dispatcher and run the CPU kernel directly.
 

@@ -1,10 +1,10 @@
 """Quantization ops: ternary weights, int8 activations, fused RMSNorm + int8 activations.
 
 Each op is a ``torch.library`` custom op (``torch.ops.wrinklefree.<name>``) with a fake kernel, so
-it traces under torch.compile. The CPU kernel is the compiled C++ core; on CUDA, ``act_quant_int8``
-runs the compiled CUDA core (``wrinklefree._C_cuda``, where it was built); everything else runs
-the plain-PyTorch reference until its kernel lands. All backends give the same bits
-(see :mod:`wrinklefree.ops.reference`).
+it traces under torch.compile. The CPU kernel is the compiled C++ core. On CUDA the ops run the
+Triton kernels of :mod:`wrinklefree.triton_kernels` where Triton is installed, else the compiled
+CUDA core (``wrinklefree._C_cuda``) where it has the op, else the plain-PyTorch reference. All
+backends give the same bits (see :mod:`wrinklefree.ops.reference`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from wrinklefree.ops._backend import (
     check_tensor,
     cuda_core,
     dtype_code,
+    triton_kernels,
     use_native,
 )
 
@@ -45,6 +46,15 @@ def _ternary_quant_cpu(w: Tensor) -> tuple[Tensor, Tensor]:
     codes = torch.empty(w.shape, dtype=torch.int8)
     s = _C.ternary_quant(w.data_ptr(), dtype_code(w), w.numel(), codes.data_ptr())
     return codes, torch.tensor(s, dtype=torch.float32)
+
+
+@_ternary_quant.register_kernel("cuda")
+def _ternary_quant_cuda(w: Tensor) -> tuple[Tensor, Tensor]:
+    _check_ternary_quant(w)
+    tk = triton_kernels() if use_native() else None
+    if tk is not None:
+        return tk.quant.ternary_quant(w)
+    return reference.ternary_quant(w)
 
 
 @_ternary_quant.register_fake
@@ -93,6 +103,9 @@ def _act_quant_int8_cpu(x: Tensor) -> tuple[Tensor, Tensor]:
 @_act_quant_int8.register_kernel("cuda")
 def _act_quant_int8_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_act_quant(x)
+    tk = triton_kernels() if use_native() else None
+    if tk is not None:
+        return tk.quant.act_quant_int8(x)
     core = cuda_core() if use_native() else None
     if core is None:
         return reference.act_quant_int8(x)
@@ -155,6 +168,15 @@ def _rmsnorm_act_quant_cpu(x: Tensor, weight: Tensor, eps: float) -> tuple[Tenso
     scale = torch.empty(n, dtype=torch.float32)
     _C.rmsnorm_act_quant(x.data_ptr(), dtype_code(x), w32.data_ptr(), n, k, float(eps), q.data_ptr(), scale.data_ptr())
     return q, scale
+
+
+@_rmsnorm_act_quant.register_kernel("cuda")
+def _rmsnorm_act_quant_cuda(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_rmsnorm_act_quant(x, weight, eps)
+    tk = triton_kernels() if use_native() else None
+    if tk is not None:
+        return tk.quant.rmsnorm_act_quant(x, weight, eps)[:2]
+    return reference.rmsnorm_act_quant(x, weight, eps)
 
 
 @_rmsnorm_act_quant.register_fake

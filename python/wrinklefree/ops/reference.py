@@ -79,20 +79,66 @@ def act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return _absmax_quant(x.to(torch.float32))
 
 
-def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm as the fused op computes it, in float32: ``(x * inv_rms) * weight``.
+def rms_inv(x: Tensor, eps: float) -> Tensor:
+    """``inv_rms`` [N] of the rows of ``x`` [N, K]: ``float32(1 / sqrt(sum(x^2) / K + eps))`` with
+    the sum a float64 pairwise sum, the square root and division in float64."""
+    ms = pairwise_sum(x.to(torch.float32).to(torch.float64).square()) / x.shape[-1]
+    return (1.0 / torch.sqrt(ms + eps)).to(torch.float32)
 
-    ``inv_rms = float32(1 / sqrt(sum(x^2) / K + eps))`` with the sum a float64 pairwise sum.
-    """
-    x = x.to(torch.float32)
-    ms = pairwise_sum(x.to(torch.float64).square()) / x.shape[-1]
-    inv = (1.0 / torch.sqrt(ms + eps)).to(torch.float32)
-    return (x * inv[:, None]) * weight.to(torch.float32)
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as the fused op computes it, in float32: ``(x * inv_rms) * weight``."""
+    return (x.to(torch.float32) * rms_inv(x, eps)[:, None]) * weight.to(torch.float32)
 
 
 def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """RMSNorm (the SubLN before a BitLinear) followed by :func:`act_quant_int8`."""
     return _absmax_quant(rmsnorm(x, weight, eps))
+
+
+# ---- training BitLinear (ops.bitlinear_train) ------------------------------------------------
+
+
+def int8_matmul(q: Tensor, codes: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """``(int32(q @ codes^T) / x_scale[:, None]) * w_scale`` in float32, for int8 ``q`` [N, K] and
+    ternary ``codes`` [M, K]. The integer products are exact in a float32 matmul: every partial sum
+    is an integer below 128 * K < 2**24 (K < 131072)."""
+    if q.shape[1] >= 1 << 17:
+        raise ValueError(f"int8_matmul: K must be < 131072 for the float32 reference, got {q.shape[1]}")
+    acc = q.to(torch.float32) @ codes.to(torch.float32).T
+    return (acc / x_scale[:, None]) * w_scale
+
+
+def bitlinear_train_forward(x: Tensor, weight: Tensor, norm_weight: Tensor | None, eps: float) -> Tensor:
+    """The training BitLinear at full quantization: optional RMSNorm, int8 activations, ternary
+    weight, exact integer product, float32 result ``[N, M]``."""
+    if norm_weight is not None:
+        q, x_scale = rmsnorm_act_quant(x, norm_weight, eps)
+    else:
+        q, x_scale = act_quant_int8(x)
+    codes, w_scale = ternary_quant(weight)
+    return int8_matmul(q, codes, x_scale, w_scale)
+
+
+def bitlinear_train_backward(dy: Tensor, x: Tensor, weight: Tensor, norm_weight: Tensor | None, eps: float):
+    """Gradients of :func:`bitlinear_train_forward` with the straight-through estimator: the
+    quantizers pass the gradient unchanged, so ``dh = dy @ (codes * s_w)`` and
+    ``dW = dy^T @ (q / s_x)``; the RMSNorm, if any, is differentiated exactly. float32 results
+    ``(dx [N, K], dW [M, K], d norm_weight [K] or None)``."""
+    dy = dy.to(torch.float32)
+    if norm_weight is not None:
+        q, x_scale = rmsnorm_act_quant(x, norm_weight, eps)
+    else:
+        q, x_scale = act_quant_int8(x)
+    codes, w_scale = ternary_quant(weight)
+    dh = (dy @ codes.to(torch.float32)) * w_scale
+    dw = (dy / x_scale[:, None]).T @ q.to(torch.float32)
+    if norm_weight is None:
+        return dh, dw, None
+    x32, inv = x.to(torch.float32), rms_inv(x, eps)[:, None]
+    g = dh * norm_weight.to(torch.float32)
+    dx = inv * g - inv**3 * x32 * (g * x32).mean(dim=1, keepdim=True)
+    return dx, dw, (dh * x32 * inv).sum(dim=0)
 
 
 # ---- packed formats ---------------------------------------------------------------------------
