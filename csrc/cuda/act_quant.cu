@@ -17,6 +17,7 @@
 #include <string>
 
 #include "act_quant.h"
+#include "common.cuh"
 
 namespace wf::cuda {
 namespace {
@@ -31,22 +32,9 @@ constexpr int64_t kMaxBlocks = 65536;
 // get a whole block so a single row still spreads over many warps.
 constexpr int64_t kWarpRowMaxBytes = 2048;
 
-// Element types: how a stored value becomes float32 (exactly) and how many fit in 16 bytes.
-struct F32 {
-  using raw = float;
-  static constexpr int kVec = 4;
-  __device__ static float to_f32(raw v) { return v; }
-};
-struct BF16 {
-  using raw = uint16_t;
-  static constexpr int kVec = 8;
-  __device__ static float to_f32(raw v) { return __uint_as_float(uint32_t(v) << 16); }
-};
-struct F16 {
-  using raw = uint16_t;
-  static constexpr int kVec = 8;
-  __device__ static float to_f32(raw v) { return __half2float(__ushort_as_half(v)); }
-};
+using detail::BF16;
+using detail::F16;
+using detail::F32;
 
 // p must be 16-byte aligned.
 template <class D>
@@ -179,43 +167,9 @@ __global__ void __launch_bounds__(1024)
                  BlockMax{partial});
 }
 
-// The versions make "no driver" and "driver older than this module's toolkit" recognisable, which
-// cudaErrorInsufficientDriver alone does not.
-[[noreturn]] void fail_cuda(const char* what, cudaError_t err) {
-  int driver = 0;
-  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
-  cudaGetLastError();
-  throw std::runtime_error(std::string("act_quant_int8: ") + what + " failed: " + cudaGetErrorName(err) + " (" +
-                           cudaGetErrorString(err) + "); module built with CUDA runtime " +
-                           std::to_string(CUDART_VERSION) + ", driver supports " +
-                           (driver ? std::to_string(driver) : std::string("none (no driver found)")));
-}
+constexpr const char* kOp = "act_quant_int8";
 
-void check_cuda(const char* what, cudaError_t err) {
-  if (err != cudaSuccess) fail_cuda(what, err);
-}
-
-// The runtime's current device is per thread and shared with torch through the driver's context;
-// launching on another device's stream needs that device current, and torch must find its own
-// current device unchanged afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) : device_(device) {
-    check_cuda("cudaGetDevice", cudaGetDevice(&prev_));
-    if (prev_ != device_) check_cuda("cudaSetDevice", cudaSetDevice(device_));
-  }
-  ~DeviceGuard() {
-    if (prev_ != device_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int device_;
-  int prev_ = 0;
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using detail::ceil_div;
 
 template <class D>
 void launch(const void* x_, int64_t N, int64_t K, int8_t* q, float* scale, cudaStream_t stream) {
@@ -236,35 +190,23 @@ void launch(const void* x_, int64_t N, int64_t K, int8_t* q, float* scale, cudaS
     const int64_t blocks = std::min(N, kMaxBlocks);
     act_quant_block_rows<D><<<unsigned(blocks), unsigned(threads), 0, stream>>>(x, N, K, q, scale, vec);
   }
-  check_cuda("kernel launch", cudaGetLastError());
-}
-
-void check_positive(const char* name, int64_t v) {
-  if (v <= 0)
-    throw std::invalid_argument(std::string("act_quant_int8: ") + name + " must be > 0, got " + std::to_string(v));
-}
-
-void check_address(const char* name, const void* p) {
-  if (p == nullptr)
-    throw std::invalid_argument(std::string("act_quant_int8: ") + name + " must be a device address, got 0");
+  detail::check_cuda(kOp, "kernel launch", cudaGetLastError());
 }
 
 }  // namespace
 
 void act_quant_int8(const void* x, int dtype, int64_t N, int64_t K, int8_t* q, float* scale, int device,
                     uintptr_t stream) {
-  if (dtype < 0 || dtype > 2)
-    throw std::invalid_argument("act_quant_int8: dtype code must be 0 (f32), 1 (bf16) or 2 (f16), got " +
-                                std::to_string(dtype));
-  check_positive("x.shape[0]", N);
-  check_positive("x.shape[1]", K);
-  check_address("x", x);
-  check_address("q", q);
-  check_address("scale", scale);
-  if (device < 0) throw std::invalid_argument("act_quant_int8: device must be >= 0, got " + std::to_string(device));
-  if (N > INT64_MAX / 4 / K) throw std::invalid_argument("act_quant_int8: N * K elements overflow int64 bytes");
+  detail::check_dtype(kOp, dtype);
+  detail::check_positive(kOp, "x.shape[0]", N);
+  detail::check_positive(kOp, "x.shape[1]", K);
+  detail::check_address(kOp, "x", x);
+  detail::check_address(kOp, "q", q);
+  detail::check_address(kOp, "scale", scale);
+  detail::check_device(kOp, device);
+  if (N > INT64_MAX / 4 / K) detail::fail_arg(kOp, "N * K elements overflow int64 bytes");
 
-  DeviceGuard guard(device);
+  detail::DeviceGuard guard(kOp, device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case 0: launch<F32>(x, N, K, q, scale, s); break;

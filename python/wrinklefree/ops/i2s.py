@@ -3,7 +3,9 @@
 
 The CPU kernel unpacks the 2-bit codes in registers and multiplies them with the int8
 activations (AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw or scalar, chosen at run time), accumulating in
-int32; it is threaded over output rows.
+int32; it is threaded over output rows. On CUDA the compiled core ``wrinklefree._C_cuda`` runs a
+GEMV streaming the packed weights for up to 8 activation rows (decode) and an int8 tensor-core GEMM
+beyond (prefill), on torch's current stream, without synchronizing. All give the reference's bits.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import torch
 from torch import Tensor
 
 from wrinklefree import _C
-from wrinklefree.ops import reference
-from wrinklefree.ops._backend import call_op, check_same_device, check_tensor, dtype_code, use_native
+from wrinklefree.ops import quant, reference
+from wrinklefree.ops._backend import call_op, check_same_device, check_tensor, cuda_core, dtype_code, use_native
 from wrinklefree.ops.packing import FORMATS
 
 
@@ -59,6 +61,41 @@ def _i2s_matmul_cpu(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: in
     out = torch.empty((n, out_features), dtype=torch.float32)
     _C.i2s_matmul(
         q.data_ptr(), x_scale.data_ptr(), n, k, packed.data_ptr(), packed.numel(), out_features, out.data_ptr()
+    )
+    return out
+
+
+def _i2s_matmul_reference(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """The reference on the tensors' device. It multiplies in int64, which CUDA matmul does not
+    do, so CUDA tensors go through the CPU (the fallback and the "reference" backend only)."""
+    if q.device.type == "cpu":
+        return reference.i2s_matmul(q, x_scale, packed, out_features)
+    out = reference.i2s_matmul(q.cpu(), x_scale.cpu(), packed.cpu(), out_features)
+    return out.to(q.device)
+
+
+@_i2s_matmul.register_kernel("cuda")
+def _i2s_matmul_cuda(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    _check_i2s_matmul(q, x_scale, packed, out_features)
+    core = cuda_core() if use_native() else None
+    if core is None:
+        return _i2s_matmul_reference(q, x_scale, packed, out_features)
+    n, k = q.shape
+    out = torch.empty((n, out_features), dtype=torch.float32, device=q.device)
+    # On torch's current stream of q's device: ordered after whatever produced q, x_scale and
+    # packed, before whatever reads out (the caching allocator's stream bookkeeping holds).
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    core.i2s_matmul(
+        q.data_ptr(),
+        x_scale.data_ptr(),
+        n,
+        k,
+        packed.data_ptr(),
+        packed.numel(),
+        out_features,
+        out.data_ptr(),
+        q.device.index,
+        stream,
     )
     return out
 
@@ -113,6 +150,17 @@ def _bitlinear_infer_cpu(x: Tensor, packed: Tensor, out_features: int) -> Tensor
         x.data_ptr(), dtype_code(x), n, k, packed.data_ptr(), packed.numel(), out_features, out.data_ptr()
     )
     return out
+
+
+@_bitlinear_infer.register_kernel("cuda")
+def _bitlinear_infer_cuda(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    _check_bitlinear_infer(x, packed, out_features)
+    core = cuda_core() if use_native() else None
+    if core is None:
+        q, scale = reference.act_quant_int8(x)
+        return _i2s_matmul_reference(q, scale, packed, out_features)
+    q, scale = quant._act_quant_int8_cuda(x)
+    return _i2s_matmul_cuda(q, scale, packed, out_features)
 
 
 @_bitlinear_infer.register_fake

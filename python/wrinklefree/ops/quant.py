@@ -54,7 +54,17 @@ def _ternary_quant_cuda(w: Tensor) -> tuple[Tensor, Tensor]:
     tk = triton_kernels() if use_native() else None
     if tk is not None:
         return tk.quant.ternary_quant(w)
-    return reference.ternary_quant(w)
+    core = cuda_core() if use_native() else None
+    if core is None:
+        return reference.ternary_quant(w)
+    n = w.numel()
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty((), dtype=torch.float32, device=w.device)
+    workspace = torch.empty(core.ternary_quant_workspace(n), dtype=torch.float64, device=w.device)
+    stream = torch.cuda.current_stream(w.device).cuda_stream
+    core.ternary_quant(w.data_ptr(), dtype_code(w), n, codes.data_ptr(), scale.data_ptr(), workspace.data_ptr(),
+                       workspace.numel(), w.device.index, stream)  # fmt: skip
+    return codes, scale
 
 
 @_ternary_quant.register_fake
