@@ -68,11 +68,14 @@ PYBIND11_MODULE(_C, m) {
       release());
   m.def(
       "rmsnorm_act_quant",
-      [](uintptr_t x, int dt, uintptr_t w, int64_t N, int64_t K, double eps, uintptr_t q, uintptr_t scale) {
+      [](uintptr_t x, int dt, uintptr_t w, int64_t N, int64_t K, double eps, uintptr_t q, uintptr_t scale,
+         uintptr_t inv_rms) {
         wf::rmsnorm_act_quant(ptr<const void>(x), dtype(dt), ptr<const float>(w), N, K, eps, ptr<int8_t>(q),
-                              ptr<float>(scale));
+                              ptr<float>(scale), ptr<float>(inv_rms));
       },
-      release());
+      py::arg("x"), py::arg("dt"), py::arg("w"), py::arg("N"), py::arg("K"), py::arg("eps"), py::arg("q"),
+      py::arg("scale"), py::arg("inv_rms") = 0, release(),
+      "RMSNorm then int8 quantization of N rows of K; inv_rms (0: none) receives each row's 1/rms.");
   m.def(
       "i2s_matmul",
       [](uintptr_t q, uintptr_t xs, int64_t N, int64_t K, uintptr_t packed, int64_t nbytes, int64_t M,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wrinklefree import _C, ops
-from wrinklefree.ops import reference
+from wrinklefree.ops import quant, reference
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 ROWS = [1, 3, 17, 128]
@@ -152,6 +152,11 @@ def test_rmsnorm_act_quant_matches_reference(isa, dtype, n, k):
     ref_q, ref_scale = reference.rmsnorm_act_quant(x, weight, 1e-5)
     assert_same(q, ref_q)
     assert_same(scale, ref_scale)
+    # the same pass also hands out each row's inv_rms, for the fused training op's backward
+    q2, scale2, inv = quant.rmsnorm_act_quant_with_inv(x, weight, 1e-5)
+    assert_same(q2, ref_q)
+    assert_same(scale2, ref_scale)
+    assert_same(inv, reference.rms_inv(x, 1e-5))
 
 
 def test_rmsnorm_act_quant_is_rmsnorm_then_act_quant():

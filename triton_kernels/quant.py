@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from wrinklefree.ops.reference import ACT_ABSMAX_FLOOR as ACT_FLOOR
+from wrinklefree.ops.reference import WEIGHT_SCALE_FLOOR as WEIGHT_FLOOR
 from wrinklefree.triton_kernels._common import EXACT, PAIR_CHUNK, log2_ceil, pairwise_tree, round_half_even
 
-ACT_FLOOR = 1e-5  # reference.ACT_ABSMAX_FLOOR
-WEIGHT_FLOOR = 1e-5  # reference.WEIGHT_SCALE_FLOOR
 MAX_ROW_BLOCK = 4096  # a row longer than this is processed in chunks of this many elements
 
 

@@ -93,7 +93,7 @@ constexpr float kActAbsmaxFloor = 1e-5f;    // a = max(max|x|, 1e-5)
 // the pairwise sum of the sequence padded with zeros to a power of two: S(v) = S(first half) +
 // S(second half). Zeros add exactly nothing, so any power-of-two block of it can be summed on its
 // own: kernels sum blocks of kPairChunk elements (Kernels::chunk_sum) and combine the block sums
-// pairwise (pairwise_combine). Every backend (CPU ISAs, CUDA, Triton, the PyTorch reference) gives
+// pairwise (PairwiseAccumulator). Every backend (CPU ISAs, CUDA, Triton, the PyTorch reference) gives
 // the same bits, whatever its threads or vector width.
 constexpr int64_t kPairChunk = 1024;
 
@@ -119,28 +119,32 @@ double chunk_sum_generic(const void* x, int64_t n, bool squares) {
   return pairwise_reduce(buf, n);
 }
 
-// Pairwise sum of block sums s[0..count), each block a power of two of the same size: the
+// Pairwise sum of a stream of block sums, each block a power of two of the same size: the
 // combination the padded tree makes. A binary counter merges equal-sized neighbours as they
-// complete; what is left is added from the smallest (right-most) block up, which is what the
-// zero padding to a power of two makes of it.
-inline double pairwise_combine(const double* s, int64_t count) {
-  double stack[64];
-  int level[64];
-  int top = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    double v = s[i];
+// complete (64 levels cover any count); result() adds what is left from the smallest (right-most)
+// block up, which is what the zero padding to a power of two makes of it.
+class PairwiseAccumulator {
+ public:
+  void add(double v) {
     int lv = 0;
-    while (top > 0 && level[top - 1] == lv) {
-      v = stack[--top] + v;
+    while (top_ > 0 && level_[top_ - 1] == lv) {
+      v = stack_[--top_] + v;
       ++lv;
     }
-    stack[top] = v;
-    level[top++] = lv;
+    stack_[top_] = v;
+    level_[top_++] = lv;
   }
-  if (top == 0) return 0.0;
-  double acc = stack[--top];
-  while (top > 0) acc = stack[--top] + acc;
-  return acc;
-}
+  double result() const {
+    if (top_ == 0) return 0.0;
+    double acc = stack_[top_ - 1];
+    for (int i = top_ - 2; i >= 0; --i) acc = stack_[i] + acc;
+    return acc;
+  }
+
+ private:
+  double stack_[64];
+  int level_[64];
+  int top_ = 0;
+};
 
 }  // namespace wf

@@ -3,7 +3,7 @@
 #pragma once
 
 #include <algorithm>
-#include <vector>
+#include <cmath>
 
 #include "cpu/common.h"
 
@@ -98,20 +98,19 @@ namespace avx512 { const Kernels& kernels(); }
 // Pairwise sum (common.h) of |x[i]| (or x[i]^2) over any n >= 0 elements: k.chunk_sum on blocks
 // of kPairChunk, combined pairwise.
 inline double pairwise_sum(const Kernels& k, const void* x, DType dt, int64_t n, bool squares) {
-  constexpr int kStack = 64;
-  double sums[kStack];
   const auto* base = static_cast<const uint8_t*>(x);
   const size_t es = dtype_size(dt);
-  if (n <= kPairChunk * kStack) {
-    int64_t count = 0;
-    for (int64_t b = 0; b < n; b += kPairChunk)
-      sums[count++] = k.chunk_sum(base + b * es, dt, std::min(kPairChunk, n - b), squares);
-    return pairwise_combine(sums, count);
-  }
-  std::vector<double> all;
+  PairwiseAccumulator acc;
   for (int64_t b = 0; b < n; b += kPairChunk)
-    all.push_back(k.chunk_sum(base + b * es, dt, std::min(kPairChunk, n - b), squares));
-  return pairwise_combine(all.data(), int64_t(all.size()));
+    acc.add(k.chunk_sum(base + b * es, dt, std::min(kPairChunk, n - b), squares));
+  return acc.result();
 }
+
+// RMSNorm's 1 / sqrt(mean(x^2) + eps) of one row of K (DESIGN.md section 2; reference.rms_inv):
+// the pairwise sum, the division and the square root in double, rounded once to float.
+inline float rms_inv(const Kernels& k, const void* x, DType dt, int64_t K, double eps) {
+  return float(1.0 / std::sqrt(pairwise_sum(k, x, dt, K, /*squares=*/true) / double(K) + eps));
+}
+
 
 }  // namespace wf

@@ -51,7 +51,9 @@ float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes) {
       partial[c] = k.chunk_sum(base + b * es, dt, len, /*squares=*/false);
     }
   });
-  const double total = pairwise_combine(partial.data(), n_chunks);
+  PairwiseAccumulator acc;
+  for (double p : partial) acc.add(p);
+  const double total = acc.result();
   const float s = std::max(float(total / double(n)), kWeightScaleFloor);
   const float inv = 1.0f / s;
   parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
@@ -73,7 +75,7 @@ void act_quant_int8(const void* x, DType dt, int64_t N, int64_t K, int8_t* q, fl
 }
 
 void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64_t K, double eps, int8_t* q,
-                       float* scale) {
+                       float* scale, float* inv_rms) {
   check_positive("x.shape[0]", N);
   check_positive("x.shape[1]", K);
   if (!(eps >= 0.0)) fail("eps must be >= 0, got " + std::to_string(eps));
@@ -82,9 +84,9 @@ void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* xr = static_cast<const uint8_t*>(x) + n * row;
-      const double ms = pairwise_sum(k, xr, dt, K, /*squares=*/true) / double(K);
-      const float inv_rms = float(1.0 / std::sqrt(ms + eps));
-      k.norm_quant_row(xr, dt, w, K, inv_rms, q + n * K, scale + n);
+      const float inv = rms_inv(k, xr, dt, K, eps);
+      if (inv_rms) inv_rms[n] = inv;
+      k.norm_quant_row(xr, dt, w, K, inv, q + n * K, scale + n);
     }
   });
 }

@@ -20,8 +20,9 @@ float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes);
 void act_quant_int8(const void* x, DType dt, int64_t N, int64_t K, int8_t* q, float* scale);
 
 // RMSNorm (weight w, float32) followed by act_quant_int8, without writing the normalised rows.
+// inv_rms, where not null, receives each row's 1 / sqrt(mean(x^2) + eps) (what a backward needs).
 void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64_t K, double eps, int8_t* q,
-                       float* scale);
+                       float* scale, float* inv_rms = nullptr);
 
 // out[N, M] = (sum_k code * q - sum_k q) / x_scale * w_scale over packed I2_S weights of M x K.
 void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,

@@ -172,11 +172,20 @@ def _rmsnorm_act_quant_cpu(x: Tensor, weight: Tensor, eps: float) -> tuple[Tenso
     _check_rmsnorm_act_quant(x, weight, eps)
     if not use_native():
         return reference.rmsnorm_act_quant(x, weight, eps)
+    return _rmsnorm_act_quant_native_cpu(x, weight, eps, None)
+
+
+def _rmsnorm_act_quant_native_cpu(
+    x: Tensor, weight: Tensor, eps: float, inv_rms: Tensor | None
+) -> tuple[Tensor, Tensor]:
     n, k = x.shape
     w32 = weight.to(torch.float32).contiguous()
     q = torch.empty((n, k), dtype=torch.int8)
     scale = torch.empty(n, dtype=torch.float32)
-    _C.rmsnorm_act_quant(x.data_ptr(), dtype_code(x), w32.data_ptr(), n, k, float(eps), q.data_ptr(), scale.data_ptr())
+    inv_ptr = inv_rms.data_ptr() if inv_rms is not None else 0
+    _C.rmsnorm_act_quant(
+        x.data_ptr(), dtype_code(x), w32.data_ptr(), n, k, float(eps), q.data_ptr(), scale.data_ptr(), inv_ptr
+    )
     return q, scale
 
 
@@ -210,3 +219,17 @@ def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Ten
     """
     args = (x, weight, float(eps))
     return call_op(_rmsnorm_act_quant, _rmsnorm_act_quant_cpu, _check_rmsnorm_act_quant, args, 2)
+
+
+def rmsnorm_act_quant_with_inv(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`rmsnorm_act_quant` plus each row's ``inv_rms`` float32 [N] (what the RMSNorm's backward
+    needs), taken from the same pass where the kernel gives it. For use inside other ops' kernels:
+    it calls the kernels directly, not through the dispatcher."""
+    _check_rmsnorm_act_quant(x, weight, eps)
+    if use_native() and x.is_cpu:
+        inv = torch.empty(x.shape[0], dtype=torch.float32)
+        return (*_rmsnorm_act_quant_native_cpu(x, weight, eps, inv), inv)
+    tk = triton_kernels() if use_native() and x.is_cuda else None
+    if tk is not None:
+        return tk.quant.rmsnorm_act_quant(x, weight, eps)
+    return (*rmsnorm_act_quant(x, weight, eps), reference.rms_inv(x, eps))

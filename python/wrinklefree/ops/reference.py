@@ -120,25 +120,47 @@ def bitlinear_train_forward(x: Tensor, weight: Tensor, norm_weight: Tensor | Non
     return int8_matmul(q, codes, x_scale, w_scale)
 
 
-def bitlinear_train_backward(dy: Tensor, x: Tensor, weight: Tensor, norm_weight: Tensor | None, eps: float):
-    """Gradients of :func:`bitlinear_train_forward` with the straight-through estimator: the
+def bitlinear_grads(dy: Tensor, x: Tensor | None, norm_weight: Tensor | None, q: Tensor, x_scale: Tensor,
+                    inv_rms: Tensor | None, codes: Tensor, w_scale: Tensor, *,
+                    need_weight_grad: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """Straight-through gradients of a training BitLinear from what its forward saved: the
     quantizers pass the gradient unchanged, so ``dh = dy @ (codes * s_w)`` and
-    ``dW = dy^T @ (q / s_x)``; the RMSNorm, if any, is differentiated exactly. float32 results
-    ``(dx [N, K], dW [M, K], d norm_weight [K] or None)``."""
+    ``dW = dy^T @ (q / s_x)``; the RMSNorm (``x``, ``norm_weight``, ``inv_rms``; all None without
+    one) is differentiated exactly. float32 ``(dx [N, K], dW [M, K] (None unless need_weight_grad),
+    d norm_weight [K] or None)``."""
     dy = dy.to(torch.float32)
+    dh = (dy @ codes.to(torch.float32)) * w_scale
+    dw = (dy / x_scale[:, None]).T @ q.to(torch.float32) if need_weight_grad else None
+    if norm_weight is None:
+        return dh, dw, None
+    x32, inv = x.to(torch.float32), inv_rms[:, None]
+    g = dh * norm_weight.to(torch.float32)
+    dx = inv * g - inv**3 * x32 * (g * x32).mean(dim=1, keepdim=True)
+    return dx, dw, (dh * x32 * inv).sum(dim=0)
+
+
+def bitlinear_train_backward(dy: Tensor, x: Tensor, weight: Tensor, norm_weight: Tensor | None, eps: float):
+    """Gradients of :func:`bitlinear_train_forward` (see :func:`bitlinear_grads`)."""
     if norm_weight is not None:
         q, x_scale = rmsnorm_act_quant(x, norm_weight, eps)
     else:
         q, x_scale = act_quant_int8(x)
     codes, w_scale = ternary_quant(weight)
-    dh = (dy @ codes.to(torch.float32)) * w_scale
-    dw = (dy / x_scale[:, None]).T @ q.to(torch.float32)
-    if norm_weight is None:
-        return dh, dw, None
-    x32, inv = x.to(torch.float32), rms_inv(x, eps)[:, None]
-    g = dh * norm_weight.to(torch.float32)
-    dx = inv * g - inv**3 * x32 * (g * x32).mean(dim=1, keepdim=True)
-    return dx, dw, (dh * x32 * inv).sum(dim=0)
+    inv = rms_inv(x, eps) if norm_weight is not None else None
+    return bitlinear_grads(dy, x, norm_weight, q, x_scale, inv, codes, w_scale)
+
+
+def relu2_glu(gate: Tensor, up: Tensor) -> Tensor:
+    """``relu(gate)^2 * up`` in float32, returned in ``gate``'s dtype."""
+    r = torch.relu(gate.to(torch.float32))
+    return (r * r * up.to(torch.float32)).to(gate.dtype)
+
+
+def relu2_glu_backward(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d gate, d up)`` of :func:`relu2_glu`: ``2 relu(gate) up dh`` and ``relu(gate)^2 dh``."""
+    r = torch.relu(gate.to(torch.float32))
+    dh32 = dh.to(torch.float32)
+    return (2.0 * r * up.to(torch.float32) * dh32).to(gate.dtype), (r * r * dh32).to(up.dtype)
 
 
 # ---- packed formats ---------------------------------------------------------------------------

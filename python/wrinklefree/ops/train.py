@@ -7,9 +7,10 @@ estimator of DESIGN.md section 2: ``dx = dy @ (codes * s_w)`` (through the RMSNo
 ``dW = dy^T @ (q / s_x)``, computed from the int8 activations saved by the forward, so a layer keeps
 K bytes per token for its backward instead of a float copy of its input.
 
-Kernels: on CUDA the Triton kernels of :mod:`wrinklefree.triton_kernels` (int8 tensor cores for
-the forward), elsewhere (and where Triton is missing) the quantizer ops plus float32 matmuls,
-which give the same forward bits (:func:`wrinklefree.ops.reference.int8_matmul`). Both are
+Kernels: the quantizer ops (on CUDA their Triton kernels), then on CUDA the Triton matmuls of
+:mod:`wrinklefree.triton_kernels` (int8 tensor cores for the forward), elsewhere (and where Triton
+is missing) the float32 matmuls of the reference, which give the same forward bits
+(:func:`wrinklefree.ops.reference.int8_matmul`). Both are
 ``torch.library`` custom ops with fake kernels and registered autograd, so they trace under
 torch.compile and work on FSDP2-sharded modules.
 """
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from wrinklefree.ops import reference
 from wrinklefree.ops._backend import FLOAT_DTYPES, check_same_device, check_tensor, triton_kernels, use_native
-from wrinklefree.ops.quant import act_quant_int8, rmsnorm_act_quant, ternary_quant
+from wrinklefree.ops.quant import act_quant_int8, rmsnorm_act_quant_with_inv, ternary_quant
 
 _EMPTY = (0,)
 
@@ -59,24 +60,18 @@ def _fwd(
     """Returns ``(y float32 [N, M], q int8 [N, K], x_scale [N], inv_rms [N] or [0], codes int8
     [M, K], w_scale 0-dim)``; everything after ``y`` is saved for the backward."""
     _check(x, weight, norm_weight, eps)
-    tk = _triton_for(x)
-    if tk is not None:
-        if norm_weight is not None:
-            q, x_scale, inv = tk.quant.rmsnorm_act_quant(x, norm_weight, eps)
-        else:
-            q, x_scale = tk.quant.act_quant_int8(x)
-            inv = x.new_empty(_EMPTY, dtype=torch.float32)
-        codes, w_scale = tk.quant.ternary_quant(weight)
-        y = tk.bitlinear.forward(q, codes, x_scale, w_scale, torch.float32)
-        return y, q, x_scale, inv, codes, w_scale
     if norm_weight is not None:
-        q, x_scale = rmsnorm_act_quant(x, norm_weight, eps)
-        inv = reference.rms_inv(x, eps)
+        q, x_scale, inv = rmsnorm_act_quant_with_inv(x, norm_weight, eps)
     else:
         q, x_scale = act_quant_int8(x)
         inv = x.new_empty(_EMPTY, dtype=torch.float32)
     codes, w_scale = ternary_quant(weight)
-    return reference.int8_matmul(q, codes, x_scale, w_scale), q, x_scale, inv, codes, w_scale
+    tk = _triton_for(x)
+    if tk is not None:
+        y = tk.bitlinear.forward(q, codes, x_scale, w_scale, torch.float32)
+    else:
+        y = reference.int8_matmul(q, codes, x_scale, w_scale)
+    return y, q, x_scale, inv, codes, w_scale
 
 
 @_fwd.register_fake
@@ -119,15 +114,11 @@ def _bwd(
             return dh, dw, empty
         dx, dnorm = tk.quant.rmsnorm_backward(dh, x, norm_weight, inv_rms)
         return dx, dw, dnorm
-    dy32 = dy.to(torch.float32)
-    dh = (dy32 @ codes.to(torch.float32)) * w_scale
-    dw = ((dy32 / x_scale[:, None]).T @ q.to(torch.float32)).to(weight_dtype) if need_weight_grad else empty
-    if not has_norm:
-        return dh.to(x_dtype), dw, empty
-    x32, inv = x.to(torch.float32), inv_rms[:, None]
-    g = dh * norm_weight.to(torch.float32)
-    dx = inv * g - inv**3 * x32 * (g * x32).mean(dim=1, keepdim=True)
-    return dx.to(x_dtype), dw, (dh * x32 * inv).sum(dim=0)
+    dx, dw, dnorm = reference.bitlinear_grads(
+        dy, x, norm_weight, q, x_scale, inv_rms if has_norm else None, codes, w_scale, need_weight_grad=need_weight_grad
+    )
+    dw = dw.to(weight_dtype) if need_weight_grad else empty
+    return dx.to(x_dtype), dw, dnorm if has_norm else empty
 
 
 @_bwd.register_fake
@@ -192,8 +183,7 @@ def _relu2_glu(gate: Tensor, up: Tensor) -> Tensor:
     tk = _triton_for(gate)
     if tk is not None:
         return tk.glu.relu2_glu(gate, up)
-    r = torch.relu(gate.to(torch.float32))
-    return (r * r * up.to(torch.float32)).to(gate.dtype)
+    return reference.relu2_glu(gate, up)
 
 
 @_relu2_glu.register_fake
@@ -207,9 +197,7 @@ def _relu2_glu_bwd(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor
     tk = _triton_for(gate)
     if tk is not None:
         return tk.glu.relu2_glu_backward(dh, gate, up)
-    r = torch.relu(gate.to(torch.float32))
-    dh32 = dh.to(torch.float32)
-    return (2.0 * r * up.to(torch.float32) * dh32).to(gate.dtype), (r * r * dh32).to(up.dtype)
+    return reference.relu2_glu_backward(dh, gate, up)
 
 
 @_relu2_glu_bwd.register_fake
