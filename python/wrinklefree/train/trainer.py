@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.resources
 import math
 import sys
@@ -465,5 +466,12 @@ class Trainer:
         )
 
     def close(self, clean: bool = True) -> None:
-        """Release the process group; ``clean=False`` after an error (see :func:`distributed.teardown`)."""
+        """Release the process group; ``clean=False`` after an error (see :func:`distributed.teardown`).
+
+        The DDP wrapper goes first: its reducer holds the process group, and destroying the group
+        under it leaves the reducer's destructor, run whenever the trainer is collected, joining
+        gloo threads that wait for a peer which has already exited.
+        """
+        self.model = self.raw_model
+        gc.collect()
         distributed.teardown(clean)
