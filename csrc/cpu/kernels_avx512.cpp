@@ -41,30 +41,48 @@ inline __m512d pair_sums(__m512d a, __m512d b) {
   return _mm512_add_pd(_mm512_permutex2var_pd(a, even, b), _mm512_permutex2var_pd(a, odd, b));
 }
 
+// |v| or v^2 of 16 loaded floats, widened to doubles: elements 0..7 in lo, 8..15 in hi.
+inline void widen16(__m512 v, bool squares, __m512d& lo, __m512d& hi) {
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  if (squares) {
+    lo = _mm512_mul_pd(lo, lo);
+    hi = _mm512_mul_pd(hi, hi);
+  } else {
+    lo = _mm512_abs_pd(lo);
+    hi = _mm512_abs_pd(hi);
+  }
+}
+
 template <DType D>
 double chunk_sum_t(const void* x, int64_t n, bool squares) {
-  // The first level is taken on the loaded values; the rest in place on buf. Lanes past n load
-  // as zeros, which is the padding of the tree.
-  alignas(64) double buf[kPairChunk / 2];
-  int64_t p = 16;
+  // Each 64 values give one vector of 8 sums of 8 neighbours (tree levels 1 to 3, in registers).
+  // A binary counter of those vectors merges two equal levels as soon as both exist, so no level
+  // makes a pass over memory. Lanes past n load as zeros, the tree's padding.
+  int64_t p = 64;
   while (p < n) p <<= 1;
-  for (int64_t i = 0; i < p; i += 16) {
-    const __m512 v = i + 16 <= n ? load16<D>(x, i) : (i < n ? load16<D>(x, i, tail_mask(n - i)) : _mm512_setzero_ps());
-    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    if (squares) {
-      lo = _mm512_mul_pd(lo, lo);
-      hi = _mm512_mul_pd(hi, hi);
-    } else {
-      lo = _mm512_abs_pd(lo);
-      hi = _mm512_abs_pd(hi);
-    }
-    _mm512_store_pd(buf + i / 2, pair_sums(lo, hi));
+  auto load = [&](int64_t i) {
+    if (i + 16 <= n) return load16<D>(x, i);
+    return i < n ? load16<D>(x, i, tail_mask(n - i)) : _mm512_setzero_ps();
+  };
+  __m512d pending[8];  // pending[j]: a vector of 8 subtrees of 8 << j values, awaiting its neighbour
+  unsigned have = 0;
+  for (int64_t i = 0; i < p; i += 64) {
+    __m512d l[8];
+    for (int t = 0; t < 4; ++t) widen16(load(i + 16 * t), squares, l[2 * t], l[2 * t + 1]);
+    const __m512d s1a = pair_sums(l[0], l[1]), s1b = pair_sums(l[2], l[3]);
+    const __m512d s1c = pair_sums(l[4], l[5]), s1d = pair_sums(l[6], l[7]);
+    __m512d s = pair_sums(pair_sums(s1a, s1b), pair_sums(s1c, s1d));
+    int j = 0;
+    for (; have >> j & 1u; ++j) s = pair_sums(pending[j], s);
+    have &= ~((1u << j) - 1u);
+    pending[j] = s;
+    have |= 1u << j;
   }
-  for (int64_t len = p / 2; len > 8; len /= 2)
-    for (int64_t i = 0; i < len; i += 16)
-      _mm512_store_pd(buf + i / 2, pair_sums(_mm512_load_pd(buf + i), _mm512_load_pd(buf + i + 8)));
-  return pairwise_reduce(buf, 8);
+  // p is a power of two, so one vector is left: 8 lanes, each the sum of p / 8 neighbours
+  alignas(64) double lanes[8];
+  _mm512_store_pd(lanes, pending[__builtin_ctz(have)]);
+  return pairwise_reduce(lanes, 8);
 }
 
 double chunk_sum(const void* x, DType dt, int64_t n, bool squares) {
