@@ -78,6 +78,22 @@ def test_gradient_is_straight_through():
     torch.testing.assert_close(layer.bias.grad, g.sum(0))
 
 
+@pytest.mark.parametrize("subln", [False, True])
+def test_a_frozen_weight_still_passes_the_input_gradient(subln):
+    # LRC calibration freezes the ternary weights: the backward then computes dx (and the SubLN gain's
+    # gradient) only; the same dx as with a trainable weight
+    layer = BitLinear(64, 24, bias=False, subln=subln)
+    x = torch.randn(6, 64, requires_grad=True)
+    g = torch.randn(6, 24)
+    layer(x).backward(g)
+    expected = x.grad.clone()
+    x.grad = layer.weight.grad = None
+    layer.weight.requires_grad_(False)
+    layer(x).backward(g)
+    assert layer.weight.grad is None
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+
+
 def test_lam_zero_is_exactly_linear_forward_and_backward():
     lin, layer = make_pair(96, 33)
     schedule = set_schedule(layer, QuantSchedule(warmup_steps=100))

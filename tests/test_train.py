@@ -214,8 +214,8 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, strategy):
     two_ranks = [*common, "training.batch_size=1", "training.grad_accum=2", f"distributed={strategy}"]
     two = cli(tmp_path / "two", *two_ranks, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    a = metrics(tmp_path / "one" / "runs" / "ranks")
-    b = metrics(tmp_path / "two" / "runs" / "ranks")
+    a = metrics(tmp_path / "one" / "runs" / "ranks" / "unified")
+    b = metrics(tmp_path / "two" / "runs" / "ranks" / "unified")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-4)
@@ -224,7 +224,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, strategy):
     assert (ckpt / "step_2" / "trainer_rank1.pt").is_file()
     resumed = cli(tmp_path / "three", *two_ranks, f"training.resume.checkpoint_path={ckpt / 'step_2'}", nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    c = metrics(tmp_path / "three" / "runs" / "ranks")
+    c = metrics(tmp_path / "three" / "runs" / "ranks" / "unified")
     assert [r["step"] for r in c] == [3, 4]
     for rc, rb in zip(c, b[2:], strict=True):
         assert rc["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-5)

@@ -5,6 +5,7 @@ packing into fixed-length sequences, weighted mixtures, and a resumable position
     get_tokenizer(name_or_path, vocab_size=...)        tokenizer.py  pretrained, or a BPE trained and cached
     BuiltinSource, LocalFilesSource, HFDatasetSource   sources.py    documents, in a fixed order
     build_source({"type": ..., ...})                   sources.py
+    sources_from_config(cfg.data.sources)              sources.py    [(source, weight), ...]
     DocumentTokens, PackedSequences                    packing.py    one source -> [seq_len] token sequences
     build_loader(sources, tokenizer, seq_len, ...)     loader.py     mixture, ranks, eval split, state_dict
 
@@ -21,7 +22,14 @@ from wrinklefree.data.cache import cache_root
 from wrinklefree.data.corpus import builtin_corpus
 from wrinklefree.data.loader import PackedLoader, build_loader
 from wrinklefree.data.packing import DocumentTokens, PackedSequences
-from wrinklefree.data.sources import BuiltinSource, HFDatasetSource, LocalFilesSource, Source, build_source
+from wrinklefree.data.sources import (
+    BuiltinSource,
+    HFDatasetSource,
+    LocalFilesSource,
+    Source,
+    build_source,
+    sources_from_config,
+)
 from wrinklefree.data.tokenizer import get_tokenizer
 
 __all__ = [
@@ -37,4 +45,5 @@ __all__ = [
     "builtin_corpus",
     "cache_root",
     "get_tokenizer",
+    "sources_from_config",
 ]

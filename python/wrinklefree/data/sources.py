@@ -163,6 +163,12 @@ def build_source(spec: Mapping) -> Source:
     return cls(**spec)
 
 
+def sources_from_config(specs: Sequence[Mapping]) -> list[tuple[Source, float]]:
+    """``(source, mixture weight)`` pairs of a ``data.sources`` list (each a :func:`build_source` spec with an
+    optional ``weight``, default 1)."""
+    return [(build_source(spec), float(spec.get("weight", 1.0))) for spec in specs]
+
+
 def _expand(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
     if glob.has_magic(pattern):

@@ -8,11 +8,16 @@ from torch import Tensor, nn
 
 
 class ObjectiveManager(nn.Module):
-    """``loss = sum_i w_i(step) * L_i(model, batch)``, skipping objectives whose weight is 0.
+    """``loss = sum_i w_i(step) * L_i(model, batch)``, skipping losses whose weight is 0.
+
+    An objective module gives one loss, named by its key, called as ``objective(model, batch) -> 0-dim
+    loss``; or several from one shared computation (e.g. CE and distillation from one forward pass): it
+    then has a ``losses`` attribute naming them and is called once per step as
+    ``objective(model, batch, active) -> {name: loss}`` with the names whose weight is not 0.
 
     Args:
-        objectives: name -> objective module, called as ``objective(model, batch) -> 0-dim loss``.
-        weights: name -> the weight used when no curriculum phase applies.
+        objectives: key -> objective module.
+        weights: loss name -> the weight used when no curriculum phase applies.
         curriculum: phases ``[{"until": f, "weights": {name: w}}, ...]`` in increasing ``until``,
             a fraction of ``max_steps`` (phase i covers steps below ``until * max_steps``);
             names a phase leaves out keep their base weight. Steps past the last phase use it.
@@ -27,11 +32,17 @@ class ObjectiveManager(nn.Module):
         max_steps: int = 1,
     ) -> None:
         super().__init__()
-        unknown = set(weights) - set(objectives)
+        self.objectives = nn.ModuleDict(objectives)
+        self.owner: dict[str, str] = {}  # loss name -> key of the objective that computes it
+        for key, module in objectives.items():
+            for name in getattr(module, "losses", (key,)):
+                if name in self.owner:
+                    raise ValueError(f"ObjectiveManager: the loss {name!r} is given by two objectives")
+                self.owner[name] = key
+        unknown = set(weights) - set(self.owner)
         if unknown:
             raise ValueError(f"ObjectiveManager: weights for unknown objectives {sorted(unknown)}")
-        self.objectives = nn.ModuleDict(objectives)
-        self.base_weights = {name: float(weights.get(name, 0.0)) for name in objectives}
+        self.base_weights = {name: float(weights.get(name, 0.0)) for name in self.owner}
         self.max_steps = max(1, int(max_steps))
         self.phases = []
         last = 0.0
@@ -42,7 +53,7 @@ class ObjectiveManager(nn.Module):
             until = float(phase["until"])
             if not last < until <= 1.0:
                 raise ValueError(f"ObjectiveManager: curriculum[{i}].until must be in ({last}, 1], got {until}")
-            bad = set(phase.get("weights", {})) - set(objectives)
+            bad = set(phase.get("weights", {})) - set(self.owner)
             if bad:
                 raise ValueError(f"ObjectiveManager: curriculum[{i}] weights unknown objectives {sorted(bad)}")
             self.phases.append((until, {**self.base_weights, **{k: float(v) for k, v in phase["weights"].items()}}))
@@ -56,14 +67,17 @@ class ObjectiveManager(nn.Module):
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total loss, {name: its unweighted loss, detached})`` for the objectives in use at ``step``."""
-        total: Tensor | None = None
-        parts: dict[str, Tensor] = {}
-        for name, w in self.weights_at(step).items():
-            if w == 0.0:
-                continue
-            loss = self.objectives[name](model, batch)
-            parts[name] = loss.detach()
-            total = w * loss if total is None else total + w * loss
-        if total is None:
+        weights = {name: w for name, w in self.weights_at(step).items() if w != 0.0}
+        if not weights:
             raise ValueError(f"ObjectiveManager: every objective has weight 0 at step {step}")
-        return total, parts
+        losses: dict[str, Tensor] = {}
+        for key, module in self.objectives.items():
+            active = [name for name in getattr(module, "losses", (key,)) if name in weights]
+            if not active:
+                continue
+            if hasattr(module, "losses"):
+                losses.update(module(model, batch, active))
+            else:
+                losses[key] = module(model, batch)
+        total = sum(weights[name] * losses[name] for name in weights)
+        return total, {name: losses[name].detach() for name in weights}

@@ -106,19 +106,22 @@ def _bwd(
     ``x`` (the forward input) is needed, and passed, only with a ``norm_weight``."""
     has_norm = norm_weight is not None
     tk = _triton_for(dy)
-    empty = dy.new_empty(_EMPTY, dtype=torch.float32)
+
+    def empty() -> Tensor:  # a fresh one per output: a custom op's outputs may not alias each other
+        return dy.new_empty(_EMPTY, dtype=torch.float32)
+
     if tk is not None:
         dh = tk.bitlinear.grad_input(dy, codes, w_scale, torch.float32 if has_norm else x_dtype)
-        dw = tk.bitlinear.grad_weight(dy, q, x_scale, weight_dtype) if need_weight_grad else empty
+        dw = tk.bitlinear.grad_weight(dy, q, x_scale, weight_dtype) if need_weight_grad else empty()
         if not has_norm:
-            return dh, dw, empty
+            return dh, dw, empty()
         dx, dnorm = tk.quant.rmsnorm_backward(dh, x, norm_weight, inv_rms)
         return dx, dw, dnorm
     dx, dw, dnorm = reference.bitlinear_grads(
         dy, x, norm_weight, q, x_scale, inv_rms if has_norm else None, codes, w_scale, need_weight_grad=need_weight_grad
     )
-    dw = dw.to(weight_dtype) if need_weight_grad else empty
-    return dx.to(x_dtype), dw, dnorm if has_norm else empty
+    dw = dw.to(weight_dtype) if need_weight_grad else empty()
+    return dx.to(x_dtype), dw, dnorm if has_norm else empty()
 
 
 @_bwd.register_fake

@@ -2,12 +2,12 @@
 
 With no arguments it converts the tiny model to BitNet and trains it with the unified recipe on
 the built-in corpus, on whatever device is present. See configs/ for the groups (model,
-training, data, distributed, gpu) and `--help` / `--cfg job` for the composed config.
+training, data, distributed, gpu) and `--help` / `--cfg job` for the composed config. A pipeline
+recipe (training=bitdistill_full, bitdistill_tiny) runs its chain of stages, as
+`python -m wrinklefree.pipeline` does.
 """
 
 from __future__ import annotations
-
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -15,13 +15,11 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="pkg://wrinklefree.configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    if not cfg.training.available:
-        print(
-            f"[wrinklefree] training={cfg.training.stage}: this recipe is not available yet (it arrives with the "
-            "BitDistill issue); available now: unified, stage2_pretrain, fp_pretrain, stage1_subln",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    if "stages" in cfg.training:
+        from wrinklefree.pipeline import run_pipeline
+
+        run_pipeline(cfg)
+        return
     from wrinklefree.train.trainer import Trainer
 
     trainer = Trainer(cfg)

@@ -8,9 +8,10 @@ The previous stages (:data:`PREVIOUS_STAGES`; the first one found wins)::
     stage2_pretrain     stage1_9_layerwise, stage1_subln     stage 1.9 is optional
     stage3_distill      stage2_pretrain
     lrc_calibration     stage3_distill, stage2_pretrain      the final ternary model; adds lrc_u / lrc_v
+    direct_ternary      stage1_subln                         the CE-only baseline of the quality table
     unified             -                                    a recipe of its own, from the model config
     fp_pretrain         -                                    the full-precision baseline
-    bitdistill_full     -                                    runs stages 1 to 3 itself
+    bitdistill_full     -                                    a pipeline: runs the stages above in turn
 
 For each candidate stage in that order, the places looked at, in order:
 
@@ -63,6 +64,7 @@ PREVIOUS_STAGES: dict[str, tuple[str, ...]] = {
     "stage2_pretrain": ("stage1_9_layerwise", "stage1_subln"),
     "stage3_distill": ("stage2_pretrain",),
     "lrc_calibration": ("stage3_distill", "stage2_pretrain"),
+    "direct_ternary": ("stage1_subln",),
     "unified": (),
     "fp_pretrain": (),
     "bitdistill_full": (),

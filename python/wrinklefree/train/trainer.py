@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.resources
+import json
 import math
 import sys
 import time
@@ -15,15 +16,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from wrinklefree.atomic import atomic_path
 from wrinklefree.models import convert
 from wrinklefree.nn import QuantSchedule
-from wrinklefree.objectives import CrossEntropy, DiffusionLM, ObjectiveManager
+from wrinklefree.objectives import CrossEntropy, DiffusionLM, Distillation, ObjectiveManager
 from wrinklefree.train import distributed
 from wrinklefree.train.checkpoint import TOKENIZER_DIR, CheckpointManager, stage_dir
 from wrinklefree.train.metrics import MetricsLogger, run_name
 from wrinklefree.train.optim import ZClip, build_lr_scheduler, build_optimizer
 
 GPU_TABLE_MIN_GB = (("h100_80gb", 75), ("a100_40gb", 35), ("a10g_24gb", 20))
+DISTILLATION = ("logits_kd", "attention_kd", "hidden")  # the objectives that need the teacher
+OBJECTIVES = ("ce", "dlm", *DISTILLATION)
 
 
 def _plain(cfg: Any) -> Any:
@@ -57,7 +61,8 @@ def batch_settings(cfg: DictConfig, table: dict) -> tuple[int, int]:
 def build_model(
     cfg: DictConfig, tokenizer, schedule: QuantSchedule | None, *, pretrained_weights: bool = True
 ) -> nn.Module:
-    """The Hugging Face causal LM of ``cfg.model``, converted to BitNet unless ``training.convert`` is false.
+    """The Hugging Face causal LM of ``cfg.model``, converted to BitNet unless ``training.convert`` is false
+    (``training.lrc_rank``, when set, replaces ``model.convert.lrc_rank``).
 
     ``pretrained_weights`` False: for ``model.pretrained``, only its config is read and the weights are
     freshly initialized (for loading a checkpoint over them, without reading the pretrained weights).
@@ -88,20 +93,40 @@ def build_model(
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     if cfg.training.convert:
         conv = _plain(mcfg.convert)
+        if cfg.training.get("lrc_rank") is not None:
+            conv["lrc_rank"] = cfg.training.lrc_rank
         convert(model, schedule=schedule, **conv)
     return model
+
+
+def freeze_except(model: nn.Module, patterns: list[str]) -> int:
+    """Leave ``requires_grad`` on only for the parameters whose name matches one of the ``fnmatch`` patterns
+    (``training.trainable``); returns how many parameters stay trainable."""
+    import fnmatch
+
+    kept = 0
+    for name, p in model.named_parameters():
+        train = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(train)
+        kept += p.numel() if train else 0
+    if kept == 0:
+        raise ValueError(f"training.trainable={patterns}: no parameter name matches (e.g. {name!r})")
+    return kept
 
 
 class Trainer:
     """Builds everything from a composed Hydra config and runs the loop (:meth:`fit`)."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        from wrinklefree.data import build_loader, build_source, get_tokenizer
+        from wrinklefree.data import build_loader, get_tokenizer, sources_from_config
 
         self.cfg = cfg
         tcfg = cfg.training
-        if not tcfg.available:
-            raise NotImplementedError(f"training={tcfg.stage}: this recipe is not available yet")
+        if "stages" in tcfg:
+            raise ValueError(
+                f"training={tcfg.stage} is a pipeline of stages, not one run: python -m wrinklefree.pipeline "
+                f"training={tcfg.stage}"
+            )
         self.ctx = distributed.setup(cfg.distributed.strategy, cfg.device, cfg.distributed.get("backend", "auto"))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.max_steps = int(tcfg.max_steps)
@@ -115,6 +140,7 @@ class Trainer:
         model = build_model(cfg, self.tokenizer, self.schedule).to(self.ctx.device)
         torch.manual_seed(cfg.seed + self.ctx.rank)  # from here on (e.g. DLM masks) each rank draws its own
         self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_trainable = freeze_except(model, list(tcfg.trainable)) if tcfg.get("trainable") else self.n_params
         if tcfg.activation_checkpointing:
             model.gradient_checkpointing_enable()
         self.raw_model = model
@@ -140,11 +166,7 @@ class Trainer:
         )
 
         self.objectives = self._build_objectives()
-        sources = []
-        for spec in _plain(cfg.data.sources):
-            spec = dict(spec)
-            weight = float(spec.pop("weight", 1.0))
-            sources.append((build_source(spec), weight))
+        sources = sources_from_config(_plain(cfg.data.sources))
         loader_kw = dict(
             seq_len=self.seq_len,
             batch_size=self.batch_size,
@@ -162,7 +184,13 @@ class Trainer:
         self.run_name = cfg.experiment or run_name(
             cfg.model.name, tcfg.stage, tcfg.optimizer.type, float(tcfg.optimizer.lr), self.global_batch, config_dict
         )
+        # A named experiment is a chain of stages (DESIGN.md section 5): each stage logs in a folder of its
+        # own, as it checkpoints in one; a generated name already holds the stage.
         self.run_dir = Path(cfg.output_dir) / "runs" / self.run_name
+        log_name = self.run_name
+        if cfg.experiment:
+            self.run_dir = self.run_dir / tcfg.stage
+            log_name = f"{self.run_name}-{tcfg.stage}"
         self.checkpoints = CheckpointManager(
             stage_dir(cfg.output_dir, self.run_name, tcfg.stage), keep=int(tcfg.keep_checkpoints)
         )
@@ -173,7 +201,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             self.logger = MetricsLogger(
-                self.run_dir, wandb_cfg=_plain(tcfg.logging.wandb), run_config=config_dict, name=self.run_name
+                self.run_dir, wandb_cfg=_plain(tcfg.logging.wandb), run_config=config_dict, name=log_name
             )
         # ---- checkpoint discovery and remote mirror (training.init_from / remote_dir / hub_repo) ----
         self._setup_checkpoints()
@@ -184,11 +212,31 @@ class Trainer:
 
     def _build_objectives(self) -> ObjectiveManager:
         ocfg = _plain(self.cfg.training.objectives)
-        unknown = set(ocfg) - {"ce", "dlm"}
+        unknown = set(ocfg) - set(OBJECTIVES)
         if unknown:
-            raise ValueError(f"training.objectives: unknown objectives {sorted(unknown)}; available: ce, dlm")
-        objectives: dict[str, nn.Module] = {"ce": CrossEntropy()}
-        weights = {"ce": float(ocfg.get("ce", {}).get("weight", 1.0))}
+            raise ValueError(
+                f"training.objectives: unknown objectives {sorted(unknown)}; available: {', '.join(OBJECTIVES)}"
+            )
+        curriculum = _plain(self.cfg.training.curriculum) or []
+        weights = {name: float(ocfg[name].get("weight", 0.0)) for name in ocfg}
+        used = {name for name, w in weights.items() if w} | {
+            name for phase in curriculum for name, w in phase.get("weights", {}).items() if w
+        }
+        objectives: dict[str, nn.Module] = {}
+        if used & set(DISTILLATION):  # CE comes from the same student forward pass as the distillation
+            kd, ad, hidden = ocfg.get("logits_kd", {}), ocfg.get("attention_kd", {}), ocfg.get("hidden", {})
+            objectives["distill"] = Distillation(
+                self._load_teacher(),
+                self.raw_model,
+                temperature=float(kd.get("temperature", 5.0)),
+                relation_layer=int(ad.get("layer", -1)),
+                relation_heads=int(ad.get("relation_heads", 32)),
+                hidden_loss=str(hidden.get("loss", "nmse")),
+            )
+        else:
+            objectives["ce"] = CrossEntropy()
+            weights = {k: v for k, v in weights.items() if k not in DISTILLATION}
+        weights.setdefault("ce", 1.0)
         if "dlm" in ocfg:
             d = dict(ocfg["dlm"])
             weights["dlm"] = float(d.pop("weight", 0.0))
@@ -197,8 +245,27 @@ class Trainer:
                 raise ValueError("the DLM objective needs a tokenizer with a mask token")
             never = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
             objectives["dlm"] = DiffusionLM(tok.mask_token_id, never_mask=never, **d)
-        curriculum = _plain(self.cfg.training.curriculum) or []
         return ObjectiveManager(objectives, weights, curriculum, self.max_steps).to(self.ctx.device)
+
+    def _load_teacher(self) -> nn.Module:
+        """The frozen teacher of the distillation objectives (:mod:`wrinklefree.train.teacher`), in the
+        student's dtype on this rank's device; sharded like the student under FSDP2."""
+        from wrinklefree.train.teacher import load_teacher
+
+        spec = self.cfg.training.get("teacher") or self.cfg.model.pretrained
+        if not spec:
+            raise ValueError(
+                f"training={self.cfg.training.stage}: the distillation objectives need a teacher; set "
+                "training.teacher (a hub id, transformers directory or trainer checkpoint) or model.pretrained"
+            )
+        dtype = next(self.raw_model.parameters()).dtype
+        teacher = load_teacher(str(spec), dtype=dtype, device=self.ctx.device)
+        n = sum(p.numel() for p in teacher.parameters())
+        self._print(f"teacher: {spec} ({n / 1e6:.2f}M parameters, frozen, {str(dtype).removeprefix('torch.')})")
+        if self.ctx.strategy == "fsdp":  # a frozen replica per rank under DDP; FSDP2 shards it too
+            teacher = distributed.wrap(teacher, self.ctx, _plain(self.cfg.distributed))
+        self.teacher = teacher
+        return teacher
 
     def _auto_batch_size(self) -> None:
         if self.ctx.device.type != "cuda":
@@ -338,7 +405,7 @@ class Trainer:
 
         self.model.eval()
         loader = build_loader(self.eval_sources, self.tokenizer, split="eval", **self.eval_loader_kw)
-        ce = self.objectives.objectives["ce"]
+        ce = CrossEntropy()
         losses = []
         for _ in range(int(self.cfg.training.eval_batches)):
             try:
@@ -374,12 +441,16 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``training.max_steps``; returns a summary (first/last loss, eval loss, paths)."""
         tcfg = self.cfg.training
+        trained = "" if self.n_trainable == self.n_params else f" ({self.n_trainable / 1e6:.2f}M trained)"
         self._print(
-            f"run {self.run_name}: {self.n_params / 1e6:.2f}M parameters, {self.ctx.world_size} x {self.ctx.device}, "
+            f"run {self.run_name}: {self.n_params / 1e6:.2f}M parameters{trained}, {self.ctx.world_size} x "
+            f"{self.ctx.device}, "
             f"batch {self.batch_size} x {self.grad_accum} accum x {self.ctx.world_size} ranks x {self.seq_len} tokens"
         )
         first_loss = None
-        recent: list[float] = []  # the headline loss (CE) of the last logged steps, for a smoothed final figure
+        recent: list[float] = []  # the headline loss of the last logged steps, for a smoothed final figure
+        loss_name = "loss"  # the headline: CE when it is trained, else the one objective, else the total
+        fit_start = time.perf_counter()
         eval_loss = None
         bar = None
         if self.ctx.is_main and self.max_steps > self.step:
@@ -400,7 +471,9 @@ class Trainer:
                     metrics = self.log_metrics(metrics)
                     if not math.isfinite(metrics["loss"]):
                         raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
-                    headline = metrics.get("loss_ce", metrics["loss"])
+                    parts = [k.removeprefix("loss_") for k in metrics if k.startswith("loss_")]
+                    loss_name = "ce" if "ce" in parts else parts[0] if len(parts) == 1 else "loss"
+                    headline = metrics[f"loss_{loss_name}" if loss_name != "loss" else "loss"]
                     first_loss = headline if first_loss is None else first_loss
                     recent = (recent + [headline])[-10:]
                     tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
@@ -424,21 +497,29 @@ class Trainer:
                 self.logger.close()
         summary = {
             "run_name": self.run_name,
+            "stage": tcfg.stage,
             "steps": self.step,
+            "tokens": self.tokens_seen,
+            "seconds": time.perf_counter() - fit_start,
+            "loss_name": loss_name,
             "first_loss": first_loss,
             "last_loss": sum(recent) / len(recent) if recent else None,
             "eval_loss": eval_loss,
             "checkpoint": str(final),
             "run_dir": str(self.run_dir),
         }
+        if self.ctx.is_main:
+            with atomic_path(self.run_dir / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2) + "\n")
         self._print_summary(summary)
         return summary
 
     def _print_summary(self, s: dict[str, Any]) -> None:
         if not self.ctx.is_main:
             return
+        name = "CE" if s["loss_name"] == "ce" else f"{s['loss_name']} loss"
         losses = (
-            f"train CE {s['first_loss']:.3f} (step 1) -> {s['last_loss']:.3f} (mean of the last logged steps)"
+            f"train {name} {s['first_loss']:.3f} (step 1) -> {s['last_loss']:.3f} (mean of the last logged steps)"
             if s["first_loss"] is not None
             else "no steps"
         )
