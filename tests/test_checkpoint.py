@@ -372,10 +372,34 @@ def test_parse_hub_specs():
 
 def test_every_recipe_has_a_row_in_the_discovery_table():
     recipes = Path(__file__).parents[1] / "configs" / "training"
-    stages = {p.stem for p in recipes.glob("*.yaml") if not p.stem.startswith("_")}
+    # pipeline recipes (a `stages:` chain, such as bitdistill_full) run stages; they are not one
+    stages = {p.stem for p in recipes.glob("*.yaml") if not p.stem.startswith("_") and "\nstages:" not in p.read_text()}
     assert stages == set(discovery.PREVIOUS_STAGES)
     for before in discovery.PREVIOUS_STAGES.values():
         assert set(before) <= stages
+
+
+@pytest.mark.parametrize(
+    ("stage", "present", "expected"),
+    [
+        ("stage2_pretrain", ["stage1_subln", "stage1_9_layerwise"], "stage1_9_layerwise"),
+        ("stage2_pretrain", ["stage1_subln"], "stage1_subln"),
+        ("stage3_distill", ["stage1_subln", "stage1_9_layerwise", "stage2_pretrain"], "stage2_pretrain"),
+        ("lrc_calibration", ["stage2_pretrain", "stage3_distill"], "stage3_distill"),
+        ("lrc_calibration", ["stage2_pretrain"], "stage2_pretrain"),
+        ("direct_ternary", ["stage1_subln", "stage2_pretrain", "stage3_distill"], "stage1_subln"),
+        ("stage3_distill", ["stage1_subln"], None),
+    ],
+)
+def test_each_stage_starts_from_the_most_trained_previous_stage(tmp_path, stage, present, expected):
+    model = tiny_model()
+    for prev in present:
+        _final(tmp_path, "exp", prev, model)
+    _final(tmp_path, "another", "stage2_pretrain", model)  # another experiment's checkpoints are not looked at
+    source, found, _ = discovery.find_stage_checkpoint(discovery.PREVIOUS_STAGES[stage], "exp", tmp_path)
+    assert found == expected
+    if expected is not None:
+        assert source == str(tmp_path / "checkpoints" / "exp" / f"{expected}_checkpoint" / "checkpoints" / "final")
 
 
 def _final(root, experiment: str, stage: str, model) -> None:

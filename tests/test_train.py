@@ -87,6 +87,9 @@ def test_default_config_composes_with_the_embedded_recipe():
         "training=stage2_pretrain",
         "training=fp_pretrain",
         "training=stage3_distill",
+        "training=stage1_9_layerwise",
+        "training=lrc_calibration",
+        "training=direct_ternary",
         "data=fineweb",
         "data=mixed_pretrain",
         "distributed=fsdp_multi",
@@ -189,10 +192,16 @@ def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
     assert len(metrics(summary["run_dir"])) == 2  # the metrics file is written whatever else logs
 
 
-def test_cli_says_when_a_recipe_is_not_available_yet(tmp_path):
-    proc = cli(tmp_path, "training=stage3_distill")
-    assert proc.returncode == 2
-    assert "not available yet" in proc.stderr and "unified" in proc.stderr
+def test_a_pipeline_recipe_is_not_one_run(tmp_path):
+    with pytest.raises(ValueError, match="python -m wrinklefree.pipeline training=bitdistill_full"):
+        Trainer(config(tmp_path, "training=bitdistill_full"))
+
+
+def test_pipeline_cli_composes_its_recipes(tmp_path):
+    cmd = [sys.executable, "-m", "wrinklefree.pipeline", "training=bitdistill_tiny", "--cfg", "job"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage: bitdistill_tiny" in proc.stdout and "direct_ternary:" in proc.stdout
 
 
 @pytest.mark.slow

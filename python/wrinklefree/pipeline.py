@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -148,6 +149,13 @@ class Pipeline:
             raise ValueError(
                 f"training={pcfg.stage} is a single recipe, not a pipeline: python -m wrinklefree.train "
                 f"training={pcfg.stage} (pipelines: training=bitdistill_full, training=bitdistill_tiny)"
+            )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError(
+                "python -m wrinklefree.pipeline runs in one process. On several GPUs, run the stages one by one "
+                "(torchrun --nproc_per_node=N -m wrinklefree.train training=STAGE experiment=NAME "
+                "distributed=fsdp_multi), then the pipeline with the same experiment: it skips the stages whose "
+                "final checkpoint exists and exports and evaluates"
             )
         self.cfg = cfg
         self.pcfg = pcfg

@@ -117,7 +117,7 @@ def attention_relation_loss(
 
 
 def hidden_state_loss(
-    student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], kind: str = "nmse", mask: Tensor | None = None
+    student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], kind: str = "cosine", mask: Tensor | None = None
 ) -> Tensor:
     """Distance between the student's and the teacher's hidden states ``[B, S, D]``, averaged over layers.
 
@@ -243,7 +243,8 @@ class Distillation(nn.Module):
             prefix of the student's or the other way round: the logits are compared over the shared ids).
         student: the unwrapped student (its Q/K/V projections are hooked for ``attention_kd``).
         temperature: tau of ``logits_kd``.
-        relation_layer: the decoder layer of ``attention_kd`` (negative: from the end), in each model.
+        relation_layer: the decoder layer of ``attention_kd`` (negative: from the end), in each model; None
+            leaves ``attention_kd`` out (no hooks are registered).
         relation_heads: the relation heads Q, K and V are split into.
         hidden_loss: ``hidden``'s distance (:data:`HIDDEN_LOSSES`).
         ignore_index: label id CE skips.
@@ -257,9 +258,9 @@ class Distillation(nn.Module):
         student: nn.Module,
         *,
         temperature: float = 5.0,
-        relation_layer: int = -1,
+        relation_layer: int | None = -1,
         relation_heads: int = 32,
-        hidden_loss: str = "nmse",
+        hidden_loss: str = "cosine",
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
@@ -273,12 +274,14 @@ class Distillation(nn.Module):
         # kept out of the module tree: the teacher is not part of what is trained, saved or moved
         self.__dict__["teacher"] = teacher
         self.temperature = float(temperature)
-        self.relation_layer = int(relation_layer)
+        self.relation_layer = relation_layer
         self.relation_heads = int(relation_heads)
         self.hidden_loss = hidden_loss
         self.ignore_index = ignore_index
-        self._student_capture = ProjectionCapture(student, relation_layer)
-        self._teacher_capture = ProjectionCapture(teacher, relation_layer)
+        self._student_capture = self._teacher_capture = None
+        if relation_layer is not None:
+            self._student_capture = ProjectionCapture(student, relation_layer)
+            self._teacher_capture = ProjectionCapture(teacher, relation_layer)
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor], active: Collection[str]) -> dict[str, Tensor]:
         unknown = set(active) - set(self.losses)
@@ -288,6 +291,8 @@ class Distillation(nn.Module):
         mask = batch.get("attention_mask")
         mask = mask.bool() if mask is not None else None
         want_qkv, want_hidden = "attention_kd" in active, "hidden" in active
+        if want_qkv and self._student_capture is None:
+            raise ValueError("Distillation: attention_kd needs a relation_layer (it was built with None)")
         student = _run(model, ids, self._student_capture if want_qkv else None, want_hidden)
         needs_teacher = want_qkv or want_hidden or "logits_kd" in active
         teacher = None

@@ -65,19 +65,24 @@ class ObjectiveManager(nn.Module):
                 return weights
         return self.phases[-1][1] if self.phases else self.base_weights
 
+    def losses(self, model: nn.Module, batch: dict[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
+        """The unweighted losses ``names``, each objective module called once."""
+        out: dict[str, Tensor] = {}
+        for key, module in self.objectives.items():
+            active = [name for name in getattr(module, "losses", (key,)) if name in names]
+            if not active:
+                continue
+            if hasattr(module, "losses"):
+                out.update(module(model, batch, active))
+            else:
+                out[key] = module(model, batch)
+        return out
+
     def forward(self, model: nn.Module, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total loss, {name: its unweighted loss, detached})`` for the objectives in use at ``step``."""
         weights = {name: w for name, w in self.weights_at(step).items() if w != 0.0}
         if not weights:
             raise ValueError(f"ObjectiveManager: every objective has weight 0 at step {step}")
-        losses: dict[str, Tensor] = {}
-        for key, module in self.objectives.items():
-            active = [name for name in getattr(module, "losses", (key,)) if name in weights]
-            if not active:
-                continue
-            if hasattr(module, "losses"):
-                losses.update(module(model, batch, active))
-            else:
-                losses[key] = module(model, batch)
+        losses = self.losses(model, batch, list(weights))
         total = sum(weights[name] * losses[name] for name in weights)
         return total, {name: losses[name].detach() for name in weights}

@@ -11,7 +11,6 @@ The previous stages (:data:`PREVIOUS_STAGES`; the first one found wins)::
     direct_ternary      stage1_subln                         the CE-only baseline of the quality table
     unified             -                                    a recipe of its own, from the model config
     fp_pretrain         -                                    the full-precision baseline
-    bitdistill_full     -                                    a pipeline: runs the stages above in turn
 
 For each candidate stage in that order, the places looked at, in order:
 
@@ -67,9 +66,9 @@ PREVIOUS_STAGES: dict[str, tuple[str, ...]] = {
     "direct_ternary": ("stage1_subln",),
     "unified": (),
     "fp_pretrain": (),
-    "bitdistill_full": (),
 }
-"""Stage -> the stages whose ``final`` checkpoint it starts from, most preferred first."""
+"""Stage -> the stages whose ``final`` checkpoint it starts from, most preferred first. (Pipeline recipes,
+such as bitdistill_full, are chains of these stages, not stages: see :mod:`wrinklefree.pipeline`.)"""
 
 ADDED_PARAMETERS: dict[str, tuple[str, ...]] = {
     # BitLinearLRC starts U at zero, so keeping the built correction leaves the loaded model's function as is

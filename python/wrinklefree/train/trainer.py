@@ -207,6 +207,8 @@ class Trainer:
         self._setup_checkpoints()
         # ---- end of checkpoint discovery ----
         self._maybe_resume()
+        # a fresh run only: the probe draws from the RNG (DLM masks), which a resumed run must not
+        self._probe_pending = bool(tcfg.get("objective_grad_norms", True)) and self.step == 0
 
     # ---- setup helpers ----------------------------------------------------------------------
 
@@ -229,9 +231,9 @@ class Trainer:
                 self._load_teacher(),
                 self.raw_model,
                 temperature=float(kd.get("temperature", 5.0)),
-                relation_layer=int(ad.get("layer", -1)),
+                relation_layer=int(ad.get("layer", -1)) if "attention_kd" in used else None,
                 relation_heads=int(ad.get("relation_heads", 32)),
-                hidden_loss=str(hidden.get("loss", "nmse")),
+                hidden_loss=str(hidden.get("loss", "cosine")),
             )
         else:
             objectives["ce"] = CrossEntropy()
@@ -348,8 +350,12 @@ class Trainer:
         self.model.train()
         totals: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros((), device=self.ctx.device)
+        probe: dict[str, float] = {}
         for micro in range(self.grad_accum):
             batch = self._next_batch()
+            if micro == 0 and self._probe_pending:
+                self._probe_pending = False
+                probe = self._objective_grad_norms(batch)
             sync = micro == self.grad_accum - 1
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
                 self.model.set_requires_gradient_sync(sync)
@@ -386,10 +392,35 @@ class Trainer:
         for k, v in totals.items():
             metrics[f"loss_{k}"] = v / self.grad_accum
         metrics["grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        metrics.update({f"grad_norm_{name}": value for name, value in probe.items()})
         metrics["lr"] = lr
         if self.schedule is not None:
             metrics["lam"] = float(self.schedule.lam)  # a CPU tensor: no device sync
         return metrics
+
+    def _objective_grad_norms(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The gradient norm of each weighted objective alone on ``batch`` (one forward and backward each, over
+        all ranks), printed, for calibrating the weights (DESIGN.md section 5: comparable gradients). The
+        gradients are cleared after; the step itself is unchanged."""
+        weights = {n: w for n, w in self.objectives.weights_at(self.step).items() if w != 0.0}
+        if len(weights) < 2:
+            return {}
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        # DDP would reduce the gradients, and fail on the parameters a lone objective leaves unused: under DDP
+        # the norms are this rank's. FSDP2 needs its own forward (all ranks run the probe alike).
+        model = self.raw_model if self.ctx.strategy == "ddp" else self.forward_model
+        norms = {}
+        for name, w in weights.items():
+            with self._autocast():
+                loss = w * self.objectives.losses(model, batch, [name])[name]
+            loss.backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norms[name] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            self.optimizer.zero_grad(set_to_none=True)
+        total = sum(norms.values()) or 1.0
+        shares = ", ".join(f"{n} {v:.3g} ({100 * v / total:.0f}%)" for n, v in norms.items())
+        self._print(f"gradient norm of each weighted objective at step {self.step + 1}: {shares}")
+        return norms
 
     @staticmethod
     def log_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
