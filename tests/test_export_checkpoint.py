@@ -29,6 +29,7 @@ RUN = [
     "model.config.num_attention_heads=4",
     "model.config.num_key_value_heads=2",
     "model.convert.activation=keep",  # silu: what llama.cpp's bitnet graph computes
+    "model.config.hidden_act=silu",
     "training.quant_warmup.steps=2",
     "training.max_steps=3",
     "training.save_every=1",

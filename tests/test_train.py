@@ -193,8 +193,10 @@ def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
 
 
 def test_a_pipeline_recipe_is_not_one_run(tmp_path):
+    with initialize_config_module("wrinklefree.configs", version_base="1.3"):
+        cfg = compose("config", overrides=[f"output_dir={tmp_path}", "training=bitdistill_full"])
     with pytest.raises(ValueError, match="python -m wrinklefree.pipeline training=bitdistill_full"):
-        Trainer(config(tmp_path, "training=bitdistill_full"))
+        Trainer(cfg)
 
 
 def test_pipeline_cli_composes_its_recipes(tmp_path):

@@ -207,8 +207,11 @@ class Trainer:
         self._setup_checkpoints()
         # ---- end of checkpoint discovery ----
         self._maybe_resume()
-        # a fresh run only: the probe draws from the RNG (DLM masks), which a resumed run must not
-        self._probe_pending = bool(tcfg.get("objective_grad_norms", True)) and self.step == 0
+        # a fresh run only: the probe draws from the RNG (DLM masks), which a resumed run must not. Not under
+        # FSDP2, where backward passes of single objectives outside the step crashed the CPU (gloo) ranks.
+        self._probe_pending = (
+            bool(tcfg.get("objective_grad_norms", True)) and self.step == 0 and self.ctx.strategy != "fsdp"
+        )
 
     # ---- setup helpers ----------------------------------------------------------------------
 
@@ -407,7 +410,7 @@ class Trainer:
             return {}
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         # DDP would reduce the gradients, and fail on the parameters a lone objective leaves unused: under DDP
-        # the norms are this rank's. FSDP2 needs its own forward (all ranks run the probe alike).
+        # the norms are this rank's.
         model = self.raw_model if self.ctx.strategy == "ddp" else self.forward_model
         norms = {}
         for name, w in weights.items():
