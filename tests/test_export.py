@@ -115,6 +115,13 @@ def expected_tensors(n_layers=2):
     return names
 
 
+def test_outtype_auto_takes_the_format_that_computes_the_activation(checkpoint, silu_checkpoint, tmp_path):
+    relu2 = read(export_gguf(checkpoint, tmp_path / "a.gguf", "auto"))
+    silu = read(export_gguf(silu_checkpoint, tmp_path / "b.gguf", "auto"))
+    assert field(relu2, "general.file_type") == 40  # i2_s, bitnet.cpp
+    assert field(silu, "general.file_type") == 37  # tq2_0, llama.cpp
+
+
 @pytest.mark.parametrize("outtype", ["i2_s", "tq2_0", "tq1_0", "f16"])
 def test_metadata_and_tensors(checkpoint, silu_checkpoint, tokenizer, tmp_path, outtype):
     ckpt = checkpoint if act_of(outtype) == "relu2" else silu_checkpoint

@@ -7,9 +7,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from test_train import cli, metrics
 
+from wrinklefree.inference import Engine
 from wrinklefree.pipeline import Pipeline, stage_config
-from wrinklefree.train.teacher import rebuild
+from wrinklefree.train.checkpoint import rebuild_model
 from wrinklefree.train.trainer import Trainer
 
 # a model whose projections pack to I2_S (widths multiples of 128), trained on a little of the built-in corpus
@@ -70,7 +72,8 @@ def test_stage3_trains_ce_logits_and_attention_distillation(tmp_path, teacher_di
     cfg = stage(tmp_path, teacher_dir, "stage3_distill", "training.init_from=none",
                 "training.objectives.attention_kd.relation_heads=8")  # fmt: skip
     trainer, summary = run(cfg)
-    last = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = metrics(summary["run_dir"])
+    last = logged[-1]
     assert {"loss_ce", "loss_logits_kd", "loss_attention_kd"} <= set(last)
     w = cfg.training.objectives
     total = last["loss_ce"] + w.logits_kd.weight * last["loss_logits_kd"]
@@ -80,7 +83,7 @@ def test_stage3_trains_ce_logits_and_attention_distillation(tmp_path, teacher_di
     assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
     assert Path(summary["run_dir"]).name == "stage3_distill"  # a named experiment logs per stage
     # the first step measured each weighted objective's gradient alone, for calibrating beta and gamma
-    first = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    first = logged[0]
     for name in ("ce", "logits_kd", "attention_kd"):
         assert first[f"grad_norm_{name}"] > 0
     assert "grad_norm_ce" not in last
@@ -88,7 +91,7 @@ def test_stage3_trains_ce_logits_and_attention_distillation(tmp_path, teacher_di
     cfg.output_dir = str(tmp_path / "no_probe")
     cfg.training.objective_grad_norms = False
     _, plain = run(cfg)
-    rows = [json.loads(line) for line in (Path(plain["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(plain["run_dir"])
     assert "grad_norm_ce" not in rows[0]
     assert rows[-1]["loss"] == pytest.approx(last["loss"], rel=1e-6)
 
@@ -116,7 +119,7 @@ def test_the_teacher_can_be_a_trainer_checkpoint(tmp_path, teacher_dir):
     cfg = stage(tmp_path, teacher_dir, "stage1_9_layerwise", "training.init_from=none",
                 f"training.teacher={summary['checkpoint']}")  # fmt: skip
     trainer, _ = run(cfg)
-    saved, _, _ = rebuild(summary["checkpoint"])
+    saved, _, _ = rebuild_model(summary["checkpoint"])
     embed = trainer.teacher.get_input_embeddings().weight
     assert torch.equal(embed, saved.get_input_embeddings().weight)  # the fp_pretrain run's weights
     assert not embed.requires_grad and not trainer.teacher.training
@@ -154,7 +157,8 @@ def test_pipeline_runs_the_chain_reports_and_skips_what_exists(tmp_path, capsys)
     assert all(r.status == "ran" for r in rows.values())
     assert (tmp_path / "checkpoints" / "chain" / "teacher" / "config.json").is_file()
     assert rows["stage3_distill"].steps == 2 and rows["direct_ternary"].steps == 6
-    assert rows["gguf"].path.endswith("stage3_distill-i2_s.gguf")
+    assert rows["gguf"].path.endswith("stage3_distill.gguf")
+    assert Engine(rows["gguf"].path).arch == "bitnet-b1.58"  # outtype auto: i2_s for the relu2 model
     for r in rows.values():
         assert r.ppl is not None and r.ppl > 1, r.name
     # the GGUF file run by the engine scores as the PyTorch model it came from
@@ -178,7 +182,6 @@ def test_pipeline_runs_the_chain_reports_and_skips_what_exists(tmp_path, capsys)
 def test_stage3_on_two_cpu_ranks_matches_one_rank(tmp_path, teacher_dir, strategy):
     # the distillation losses are deterministic, so 2 ranks x 1 sequence x 2 accumulated micro-batches
     # compute what 1 rank x 4 sequences does
-    from test_train import cli
 
     common = [
         *SMALL,
@@ -198,11 +201,7 @@ def test_stage3_on_two_cpu_ranks_matches_one_rank(tmp_path, teacher_dir, strateg
               nproc=2)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
 
-    def metrics(root):
-        path = root / "runs" / "s3" / "stage3_distill" / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    a, b = (metrics(tmp_path / run / "runs" / "s3" / "stage3_distill") for run in ("one", "two"))
     assert [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "loss_ce", "loss_logits_kd", "loss_attention_kd"):

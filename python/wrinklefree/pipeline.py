@@ -27,15 +27,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wrinklefree.atomic import atomic_dir, atomic_path
 from wrinklefree.train.checkpoint import CheckpointManager, stage_dir
+from wrinklefree.train.trainer import build_tokenizer
 
 TEACHER_STAGE = "fp_pretrain"
 LABELS = {  # the rows of the quality table (the BitDistill issue), by where each model comes from
@@ -66,7 +68,6 @@ class Row:
     nll: float | None = None
     ppl: float | None = None
     path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _container(cfg: Any) -> Any:
@@ -118,26 +119,15 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
 
 def save_teacher(checkpoint: Path, out_dir: Path) -> Path:
     """Write the full-precision model of a trainer checkpoint as a transformers directory (with its tokenizer)."""
-    from wrinklefree.train.teacher import rebuild
+    from wrinklefree.train.checkpoint import rebuild_model
 
-    model, tokenizer, cfg = rebuild(checkpoint)
+    model, tokenizer, cfg = rebuild_model(checkpoint)
     if cfg.training.convert:
         raise ValueError(f"{checkpoint}: a converted (ternary) model cannot serve as the full-precision teacher")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
-
-
-def _hidden_act(model_cfg: dict) -> str:
-    """The FFN activation of the converted model a ``model`` config builds."""
-    if (model_cfg.get("convert") or {}).get("activation") == "relu2":
-        return "relu2"
-    if model_cfg.get("pretrained"):
-        from transformers import AutoConfig
-
-        return getattr(AutoConfig.from_pretrained(model_cfg["pretrained"]), "hidden_act", "silu")
-    return (model_cfg.get("config") or {}).get("hidden_act", "silu")
 
 
 class Pipeline:
@@ -163,7 +153,7 @@ class Pipeline:
         self.root = Path(cfg.output_dir) / "checkpoints" / self.experiment
         self.run_dir = Path(cfg.output_dir) / "runs" / self.experiment
         self.rows: list[Row] = []
-        self._sequences = None
+        self._tokenizer = None  # every model's: the teacher's, or data.tokenizer
 
     # ---- stages ----------------------------------------------------------------------------------
 
@@ -230,6 +220,7 @@ class Pipeline:
         teacher = self.teacher()
         base = self._base()
         base.model.pretrained = self.cfg.model.pretrained or teacher  # the students start from the teacher
+        self._tokenizer = build_tokenizer(base)
         for stage, settings in self.pcfg.stages.items():
             cfg = stage_config(base, stage, self.pcfg.common, settings, {"teacher": teacher})
             self.rows.append(self._run(stage, cfg))
@@ -249,60 +240,38 @@ class Pipeline:
         if source is None:
             raise ValueError(f"training.export.stage={ecfg.stage}: that stage has no final checkpoint to export")
         from wrinklefree.export.__main__ import export_checkpoint
-        from wrinklefree.train.checkpoint import read_trainer_state
 
-        outtype = ecfg.outtype
-        if outtype == "auto":  # the format whose reader computes the model's FFN activation
-            outtype = "i2_s" if _hidden_act(read_trainer_state(source)["config"]["model"]) == "relu2" else "tq2_0"
-        outfile = Path(ecfg.outfile or self.root / f"{ecfg.stage}-{outtype}.gguf")
+        suffix = "" if ecfg.outtype == "auto" else f"-{ecfg.outtype}"  # auto: the same type for the same model
+        outfile = Path(ecfg.outfile or self.root / f"{ecfg.stage}{suffix}.gguf")
         if outfile.is_file() and outfile.stat().st_mtime >= (source / ".metadata").stat().st_mtime:
             _log(f"export: skipped, {outfile} is newer than {source}")
-            self.rows.append(Row("gguf", "skipped", path=str(outfile), extra={"outtype": outtype}))
+            self.rows.append(Row("gguf", "skipped", path=str(outfile)))
             return
         start = time.perf_counter()
-        export_checkpoint(str(source), str(outfile), outtype)
+        export_checkpoint(str(source), str(outfile), ecfg.outtype)
         seconds = time.perf_counter() - start
-        _log(f"export: {outfile} ({outtype}, {outfile.stat().st_size / 2**20:.1f} MiB) in {seconds:.0f} s")
-        self.rows.append(Row("gguf", "ran", seconds=seconds, path=str(outfile), extra={"outtype": outtype}))
-
-    def sequences(self, tokenizer) -> list:
-        if self._sequences is None:
-            from wrinklefree.eval import heldout_sequences
-
-            n = int(self.pcfg.eval.sequences)
-            self._sequences = heldout_sequences(_container(self.cfg.data), tokenizer, n, seed=int(self.cfg.seed))
-        return self._sequences
+        _log(f"export: {outfile} ({outfile.stat().st_size / 2**20:.1f} MiB) in {seconds:.0f} s")
+        self.rows.append(Row("gguf", "ran", seconds=seconds, path=str(outfile)))
 
     def evaluate(self) -> None:
         """Held-out perplexity of every row with a model (trainer checkpoints fully quantized)."""
-        if int(self.pcfg.eval.sequences) <= 0:
+        n = int(self.pcfg.eval.sequences)
+        if n <= 0:
             return
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from wrinklefree.eval import engine_perplexity, heldout_sequences, model_perplexity
+        from wrinklefree.inference import Engine
+        from wrinklefree.train.teacher import load_teacher
 
-        from wrinklefree.eval import engine_perplexity, model_perplexity
-        from wrinklefree.train.teacher import rebuild, trainer_checkpoint
-
+        sequences = heldout_sequences(_container(self.cfg.data), self._tokenizer, n, seed=int(self.cfg.seed))
+        dtype = getattr(torch, self.cfg.model.dtype)
         for row in self.rows:
             start = time.perf_counter()
             if row.name == "gguf":
                 if not self.pcfg.eval.engine:
                     continue
-                from wrinklefree.inference import Engine
-
-                engine = Engine(row.path, n_ctx=int(self.cfg.data.seq_len))
-                result = engine_perplexity(engine, self.sequences(self._tokenizer))
-                del engine
-            else:
-                checkpoint = trainer_checkpoint(row.path)
-                if checkpoint is not None:
-                    model, tokenizer, _ = rebuild(checkpoint)  # converted models: fully quantized
-                else:
-                    model = AutoModelForCausalLM.from_pretrained(row.path, dtype=torch.float32)
-                    tokenizer = AutoTokenizer.from_pretrained(row.path)
-                self._tokenizer = tokenizer
-                result = model_perplexity(model, self.sequences(tokenizer))
-                del model
+                result = engine_perplexity(Engine(row.path, n_ctx=int(self.cfg.data.seq_len)), sequences)
+            else:  # a frozen model from its path (transformers directory or trainer checkpoint), as a teacher is
+                result = model_perplexity(load_teacher(row.path, dtype=dtype, device=torch.device("cpu")), sequences)
             row.nll, row.ppl = result.nll, result.ppl
             _log(f"eval {row.name}: perplexity {result.ppl:.3f} over {result.tokens} tokens "
                  f"({time.perf_counter() - start:.0f} s)")  # fmt: skip

@@ -1,10 +1,11 @@
-"""``python -m wrinklefree.export CHECKPOINT --outfile model.gguf --outtype i2_s``
+"""``python -m wrinklefree.export CHECKPOINT --outfile model.gguf [--outtype auto]``
 
 CHECKPOINT is either a checkpoint of ``python -m wrinklefree.train`` (a directory holding ``.metadata``,
 e.g. ``outputs/checkpoints/RUN/STAGE_checkpoint/checkpoints/final``, or that stage directory itself, for its
 ``final`` or newest ``step_N`` checkpoint), rebuilt from the config and tokenizer it records; or a
 transformers `bitnet` checkpoint directory (config.json + safetensors, as ``save_bitnet`` writes).
-The model's FFN activation picks the outtype: relu2 exports to i2_s, silu to tq2_0, tq1_0 and f16.
+The model's FFN activation decides which outtypes fit: relu2 exports to i2_s, silu to tq2_0, tq1_0 and f16;
+``--outtype auto`` (the default) takes the first that fits.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def main(argv: list[str] | None = None) -> None:
         "`bitnet` checkpoint directory (config.json + safetensors)",
     )
     p.add_argument("--outfile", required=True, help="the .gguf file to write")
-    p.add_argument("--outtype", choices=OUTTYPES, default="i2_s", help="i2_s: bitnet.cpp; tq2_0, tq1_0, f16: llama.cpp")
+    p.add_argument(
+        "--outtype",
+        choices=("auto", *OUTTYPES),
+        default="auto",
+        help="i2_s: bitnet.cpp; tq2_0, tq1_0, f16: llama.cpp; auto: i2_s for relu2 models, tq2_0 for silu ones",
+    )
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         out = export_checkpoint(args.checkpoint, args.outfile, args.outtype, tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: a message, not a traceback
         p.exit(2, f"{p.prog}: error: {e}\n")
-    print(f"wrote {out} ({args.outtype})")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

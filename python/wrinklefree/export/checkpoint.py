@@ -23,11 +23,10 @@ from wrinklefree.models.hf_bitnet import bitnet_config, bitnet_state_dict, load_
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.train.checkpoint import (
     TOKENIZER_DIR,
-    CheckpointManager,
-    is_complete,
+    find_checkpoint,
     is_url,
-    load_weights,
     read_trainer_state,
+    rebuild_model,
     resolve,
 )
 
@@ -38,16 +37,9 @@ _RESAVE_HINT = (
 )
 
 
-def find_training_checkpoint(path: str | os.PathLike) -> Path | None:
-    """The trainer checkpoint at ``path``: ``path`` itself when it is one (it has ``.metadata``), else, for a
-    stage directory (``.../{stage}_checkpoint/checkpoints/``), its ``final`` or newest ``step_N``
-    checkpoint; None when ``path`` is neither (local directories only)."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    if path.is_dir():
-        return CheckpointManager(path).latest()
-    return None
+find_training_checkpoint = find_checkpoint
+"""The trainer checkpoint a path names: itself, or a stage directory's ``final`` or newest ``step_N`` one
+(:func:`wrinklefree.train.checkpoint.find_checkpoint`); None for anything else."""
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
@@ -67,10 +59,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             and what transformers' BitNet cannot hold (``save_bitnet``'s refusals: LRC, Q-Sparse, SubLN
             other than before o_proj and down_proj, q/k norms).
     """
-    from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
-
-    from wrinklefree.train.trainer import build_model  # the trainer's dependencies (omegaconf): [train] only
+    from omegaconf import OmegaConf  # the trainer's dependencies: [train] only
 
     where = resolve(path)
     if is_url(where):
@@ -93,9 +82,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         )
     _check_warmup_finished(path, state.get("quant_schedule"))
 
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    model = build_model(cfg, tokenizer, None, pretrained_weights=False)  # schedule None: fully quantized
-    load_weights(where, model)
+    model, tokenizer, _ = rebuild_model(where, state=state)  # schedule None: fully quantized
     model.eval()
     bitnet = load_bitnet(bitnet_state_dict(model), bitnet_config(model))
     return bitnet, tokenizer

@@ -232,6 +232,18 @@ def architecture(outtype: str) -> str:
     return I2S_ARCH if outtype == "i2_s" else _gguf().MODEL_ARCH_NAMES[_gguf().MODEL_ARCH.BITNET]
 
 
+def default_outtype(config) -> str:
+    """The first of :data:`OUTTYPES` whose reader computes the model's FFN activation (``config.hidden_act``):
+    i2_s for relu2, tq2_0 for silu."""
+    act = getattr(config, "hidden_act", None)
+    for outtype in OUTTYPES:
+        if act in ACTIVATION_ALIASES.get(ARCH_ACTIVATION[architecture(outtype)], ()):
+            return outtype
+    raise ValueError(
+        f"export_gguf: no outtype's reader computes hidden_act={act!r} (bitnet.cpp: relu2, llama.cpp: silu)"
+    )
+
+
 def check_activation(config, outtype: str) -> None:
     """Refuse a model whose FFN activation (``config.hidden_act``) is not the one the reader's graph
     computes: bitnet.cpp's ``bitnet-b1.58`` computes relu(gate)^2 * up, llama.cpp's ``bitnet``
@@ -406,7 +418,8 @@ def export_gguf(
             :func:`~wrinklefree.models.hf_bitnet.load_bitnet` (or converted from a BitNetForCausalLM).
         outfile: the .gguf path; written to a temporary file beside it, then renamed, so a failed
             export leaves any existing file untouched.
-        outtype: "i2_s" (bitnet.cpp), "tq2_0", "tq1_0" or "f16" (llama.cpp); see the module docstring.
+        outtype: "i2_s" (bitnet.cpp), "tq2_0", "tq1_0" or "f16" (llama.cpp), see the module docstring; or
+            "auto": the one :func:`default_outtype` picks for the model's FFN activation.
         tokenizer: a transformers (fast, BPE) tokenizer or its directory. None: the checkpoint
             directory's tokenizer.json (required for in-memory models).
     Returns:
@@ -416,8 +429,11 @@ def export_gguf(
             reader does not compute, a projection that is not a plain ternary BitLinear, K not a
             multiple of the format's block, an untied output head, or no tokenizer.
     """
-    architecture(outtype)  # an unknown outtype fails before the model loads
+    if outtype != "auto":
+        architecture(outtype)  # an unknown outtype fails before the model loads
     model, path = _load(model_or_path)
+    if outtype == "auto":
+        outtype = default_outtype(model.config)
     check_activation(model.config, outtype)
     tokenizer = _tokenizer(tokenizer, path)
     outfile = Path(outfile)

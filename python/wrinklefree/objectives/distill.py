@@ -59,7 +59,7 @@ def logits_kd_loss(
         raise ValueError(f"logits_kd_loss: temperature must be > 0, got {temperature}")
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
     return temperature**2 * _masked_mean(kl, mask)
 
 
@@ -99,7 +99,7 @@ def attention_relation_loss(
             f"attention_relation_loss: expected as many student states as teacher states (at least one), got "
             f"{len(student_states)} and {len(teacher_states)}"
         )
-    total = None
+    rows = []
     for s_state, t_state in zip(student_states, teacher_states, strict=True):
         if s_state.shape[:2] != t_state.shape[:2]:
             raise ValueError(
@@ -111,9 +111,8 @@ def attention_relation_loss(
         p_t = log_r_t.exp()
         # 0 * log 0 is 0: masked columns have p_t = 0 and -inf logs on both sides
         kl = torch.where(p_t > 0, p_t * (log_r_t - log_r_s), torch.zeros_like(p_t)).sum(-1)  # [B, heads, S]
-        row = _masked_mean(kl.mean(1), mask)
-        total = row if total is None else total + row
-    return total / len(student_states)
+        rows.append(_masked_mean(kl.mean(1), mask))
+    return torch.stack(rows).mean()
 
 
 def hidden_state_loss(
@@ -133,7 +132,7 @@ def hidden_state_loss(
             f"hidden_state_loss: the student has {len(student_hidden)} hidden states and the teacher "
             f"{len(teacher_hidden)}; layer-wise distillation needs the same number of layers (at least one)"
         )
-    total = None
+    layers = []
     for h_s, h_t in zip(student_hidden, teacher_hidden, strict=True):
         if h_s.shape != h_t.shape:
             raise ValueError(
@@ -146,9 +145,8 @@ def hidden_state_loss(
             per_token = (h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-12)
         else:
             per_token = 1.0 - F.cosine_similarity(h_s, h_t, dim=-1, eps=1e-8)
-        layer = _masked_mean(per_token, mask)
-        total = layer if total is None else total + layer
-    return total / len(student_hidden)
+        layers.append(_masked_mean(per_token, mask))
+    return torch.stack(layers).mean()
 
 
 # ---- capturing Q, K and V ------------------------------------------------------------------------
@@ -296,8 +294,7 @@ class Distillation(nn.Module):
         student = _run(model, ids, self._student_capture if want_qkv else None, want_hidden)
         needs_teacher = want_qkv or want_hidden or "logits_kd" in active
         teacher = None
-        if needs_teacher:
-            self.teacher.eval()
+        if needs_teacher:  # in eval mode since __init__: the trainer's model.train() does not reach it
             with torch.no_grad():
                 teacher = _run(self.teacher, ids, self._teacher_capture if want_qkv else None, want_hidden)
 

@@ -605,3 +605,65 @@ def load_weights(path: str | os.PathLike, model: nn.Module, *, allow_missing: Se
         dcp.load({"model": wanted}, storage_reader=_reader(where))
     set_model_state_dict(model, wanted, options=StateDictOptions(strict=len(wanted) == len(state)))
     return len(wanted)
+
+
+# ---- the model a checkpoint holds -------------------------------------------------------------
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | str | None:
+    """The trainer checkpoint ``path`` names: itself when complete (local, fsspec URL or ``hf://``), the
+    ``final`` or newest ``step_N`` one of a local stage directory; None when it names no trainer checkpoint."""
+    text = str(path)
+    if text.startswith("hf://"):
+        where = resolve(text)
+        return text if (Path(where) / ".metadata").is_file() else None
+    if is_url(text):
+        return text if is_complete(text) else None
+    local = Path(path)
+    if is_complete(local):
+        return local
+    if local.is_dir() and not (local / "config.json").is_file():
+        return CheckpointManager(local).latest()
+    return None
+
+
+def rebuild_model(
+    path: str | os.PathLike,
+    *,
+    schedule: Any = None,
+    dtype: torch.dtype | None = None,
+    state: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Any, Any]:
+    """The model of a trainer checkpoint, rebuilt from the config it records, with its weights and tokenizer.
+
+    Args:
+        path: a complete trainer checkpoint (local, fsspec URL or ``hf://``).
+        schedule: the quantization schedule of a converted model (None: fully quantized).
+        dtype: the parameter dtype (None: the recorded ``model.dtype``).
+        state: its trainer state, when the caller has read it already (:func:`read_trainer_state`).
+    Returns:
+        ``(model, tokenizer, config)`` on the CPU, the config being the run's resolved one (a DictConfig).
+    Raises:
+        ValueError: a checkpoint that records no config (an older trainer's).
+        FileNotFoundError: no complete checkpoint, or no tokenizer in it.
+    """
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from wrinklefree.train.trainer import build_model
+
+    state = read_trainer_state(path) if state is None else state
+    recorded = state.get("config")
+    if recorded is None:
+        raise ValueError(f"checkpoint {path} does not record its config (trainer_rank0.pt has no 'config')")
+    where = resolve(path)
+    tok_dir = Path(where) / TOKENIZER_DIR if not is_url(where) else None
+    if tok_dir is None or not tok_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} has no {TOKENIZER_DIR}/ folder (copy URLs to a local disk first)")
+    cfg = OmegaConf.create(recorded)
+    if dtype is not None:
+        cfg.model.dtype = str(dtype).removeprefix("torch.")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model = build_model(cfg, tokenizer, schedule, pretrained_weights=False)
+    load_weights(where, model)
+    return model, tokenizer, cfg

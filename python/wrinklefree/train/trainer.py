@@ -58,6 +58,16 @@ def batch_settings(cfg: DictConfig, table: dict) -> tuple[int, int]:
     return int(batch), int(accum)
 
 
+def build_tokenizer(cfg: DictConfig):
+    """``data.tokenizer``; ``auto``: the pretrained model's, else the built-in BPE (trained and cached on first use)."""
+    from wrinklefree.data import get_tokenizer
+
+    name = cfg.data.tokenizer
+    if name == "auto":
+        name = cfg.model.pretrained
+    return get_tokenizer(name, vocab_size=cfg.data.vocab_size)
+
+
 def build_model(
     cfg: DictConfig, tokenizer, schedule: QuantSchedule | None, *, pretrained_weights: bool = True
 ) -> nn.Module:
@@ -118,7 +128,7 @@ class Trainer:
     """Builds everything from a composed Hydra config and runs the loop (:meth:`fit`)."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        from wrinklefree.data import build_loader, get_tokenizer, sources_from_config
+        from wrinklefree.data import build_loader, sources_from_config
 
         self.cfg = cfg
         tcfg = cfg.training
@@ -131,10 +141,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.max_steps = int(tcfg.max_steps)
 
-        tok_name = cfg.data.tokenizer
-        if tok_name == "auto":
-            tok_name = cfg.model.pretrained  # None: the built-in BPE
-        self.tokenizer = get_tokenizer(tok_name, vocab_size=cfg.data.vocab_size)
+        self.tokenizer = build_tokenizer(cfg)
 
         self.schedule = QuantSchedule(int(tcfg.quant_warmup.steps), tcfg.quant_warmup.kind) if tcfg.convert else None
         model = build_model(cfg, self.tokenizer, self.schedule).to(self.ctx.device)
@@ -560,12 +567,7 @@ class Trainer:
         ev = f", eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""
         export = ""
         if self.schedule is not None and float(self.schedule.lam) >= 1.0:  # ternary, warm-up done: exportable
-            # to the format whose reader computes the model's FFN activation
-            outtype = "i2_s" if getattr(self.raw_model.config, "hidden_act", None) == "relu2" else "tq2_0"
-            export = (
-                f"  export to GGUF: python -m wrinklefree.export {s['checkpoint']} --outfile model.gguf "
-                f"--outtype {outtype}\n"
-            )
+            export = f"  export to GGUF: python -m wrinklefree.export {s['checkpoint']} --outfile model.gguf\n"
         print(
             f"\nDone: {s['steps']} steps, {losses}{ev}.\n"
             f"  checkpoint: {s['checkpoint']}\n"
