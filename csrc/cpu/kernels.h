@@ -26,14 +26,17 @@ struct Kernels {
   void (*norm_quant_row)(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
                          float* scale);
 
-  // I2_S matmul, in two steps. i2s_prepare_row copies one int8 activation row of K into the
-  // layout this ISA's gemm reads (K bytes) and returns its sum. i2s_gemm then computes, for
-  // activation rows [0, N) and weight rows [m0, m1):
+  // I2_S matmul, in two steps. i2s_prepare_row returns the sum of one int8 activation row of K
+  // and, unless out is nullptr, copies the row into the layout this ISA's gemm reads (K bytes).
+  // i2s_gemm then computes, for activation rows [0, N) and weight rows [m0, m1):
   //   out[n * ldo + m] = float(D - rowsum[n]) / x_scale[n] * w_scale,  D = sum_k code[m,k] * x[n,k]
-  // where W holds the packed I2_S codes (0, 1, 2 for -1, 0, +1), K / 4 bytes a row.
+  // where W holds the packed I2_S codes (0, 1, 2 for -1, 0, +1), K / 4 bytes a row. For calls of
+  // at least i2s_natural_rows rows it reads the activations as they are (natural order, no byte
+  // past a row's end), so they need no copy.
   int32_t (*i2s_prepare_row)(const int8_t* q, int64_t K, int8_t* out);
   void (*i2s_gemm)(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
                    const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo);
+  int64_t i2s_natural_rows;
 
   // Float kernels of the inference engine (csrc/cpu/engine.cpp); tolerance-exact, not bit-exact
   // across ISAs.

@@ -117,7 +117,7 @@ void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float in
 // 0..31, 32..63, 64..95, 96..127: activations stay in natural order.
 
 int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
-  std::memcpy(out, q, K);
+  if (out) std::memcpy(out, q, size_t(K));
   int32_t sum = 0;
   const __m256i ones16 = _mm256_set1_epi16(1);
   __m256i acc = _mm256_setzero_si256();
@@ -221,7 +221,8 @@ int64_t int8_macs(int64_t iters) {
 
 const Kernels& kernels() {
   static const Kernels k{"avx2",          chunk_sum,         ternary_round,   act_quant_row,
-                         norm_quant_row,   i2s_prepare_row,  i2s_gemm,        generic_f16_gemm,
+                         norm_quant_row,   i2s_prepare_row,  i2s_gemm,        /*i2s_natural_rows=*/1,
+                         generic_f16_gemm,
                          generic_i8_gemm,  generic_dot_f32,  generic_axpy_f32, generic_glu,     read_bytes,
                          int8_macs};
   return k;

@@ -192,11 +192,12 @@ void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float in
 // activations are therefore laid out per pair of blocks as
 //   [x[0:32] x[128:160]] [x[32:64] x[160:192]] [x[64:96] x[192:224]] [x[96:128] x[224:256]]
 // so that each sub-block's activations are one contiguous 64-byte load. An odd last block keeps
-// its natural order and is handled with 32-byte loads.
+// its natural order and is handled with 32-byte loads. The band path of prefill (from
+// kBandMinRows rows) reorders the weights instead and reads the activations as they are.
 
 int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
   const int64_t pairs = K / 256;
-  for (int64_t p = 0; p < pairs; ++p) {
+  for (int64_t p = 0; out && p < pairs; ++p) {
     const int8_t* src = q + p * 256;
     int8_t* dst = out + p * 256;
     for (int s = 0; s < 4; ++s) {
@@ -204,7 +205,7 @@ int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
       std::memcpy(dst + 64 * s + 32, src + 128 + 32 * s, 32);
     }
   }
-  if (K % 256) std::memcpy(out + pairs * 256, q + pairs * 256, 128);
+  if (out && K % 256) std::memcpy(out + pairs * 256, q + pairs * 256, 128);
   // Row sum with vpdpbusd against ones (unsigned 1 x signed x).
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i acc = _mm512_setzero_si512();
@@ -355,7 +356,7 @@ inline void transpose16(__m512i* v) {
 }
 
 // Unpacks weight rows [m, m + rows) (rows <= 32; missing rows read as code 0) into `buf`: for
-// activation dword g (positions 4g..4g+3 of the prepared layout), buf[128 g .. 128 g + 63] holds
+// activation dword g (positions 4g..4g+3 of the row, natural order), buf[128 g .. 128 g + 63] holds
 // rows 0..15 and buf[128 g + 64 ..] rows 16..31, 4 codes per row. Packed dword j of a 64-byte
 // chunk holds the codes of activation dword j of all four sub-blocks (at shifts 6, 4, 2, 0), so
 // the 16 rows' chunks are transposed once, as packed bytes, and each sub-block is then one shift
@@ -376,12 +377,13 @@ void unpack_band(const uint8_t* W, int64_t row_bytes, int64_t K, int64_t rows, u
                  : odd      ? _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(src + r * row_bytes + p * 64)))
                             : _mm512_loadu_si512(src + r * row_bytes + p * 64);
       transpose16(raw);  // raw[j]: packed dword j of the 16 rows
-      const int per_sub = odd ? 8 : 16;  // activation dwords per sub-block
-      for (int s = 0; s < 4; ++s) {
-        const int64_t g0 = p * 64 + s * per_sub;
-        for (int j = 0; j < per_sub; ++j)
-          _mm512_store_si512(dst + (g0 + j) * 128, _mm512_and_si512(_mm512_srli_epi16(raw[j], 6 - 2 * s), mask3));
-      }
+      // Sub-block s of packed dword j holds activation dword 8s + j of block 2p (j < 8) or
+      // 8s + j - 8 of block 2p + 1, in natural order.
+      for (int s = 0; s < 4; ++s)
+        for (int j = 0; j < (odd ? 8 : 16); ++j) {
+          const int64_t g = p * 64 + (j < 8 ? 8 * s + j : 32 + 8 * s + j - 8);
+          _mm512_store_si512(dst + g * 128, _mm512_and_si512(_mm512_srli_epi16(raw[j], 6 - 2 * s), mask3));
+        }
     }
   }
 }
@@ -650,7 +652,7 @@ int64_t int8_macs(int64_t iters) {
 
 const Kernels& kernels() {
   static const Kernels k{"avx512",       chunk_sum,        ternary_round, act_quant_row, norm_quant_row,
-                         i2s_prepare_row, i2s_gemm,        f16_gemm,      i8_gemm,       dot_f32,
+                         i2s_prepare_row, i2s_gemm,        kBandMinRows,  f16_gemm,      i8_gemm,       dot_f32,
                          axpy_f32,        glu,             read_bytes,    int8_macs};
   return k;
 }

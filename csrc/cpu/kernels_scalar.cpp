@@ -49,10 +49,8 @@ void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float in
 
 int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
   int32_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    out[k] = q[k];
-    sum += q[k];
-  }
+  for (int64_t k = 0; k < K; ++k) sum += q[k];
+  if (out) std::memcpy(out, q, size_t(K));
   return sum;
 }
 
@@ -108,7 +106,8 @@ int64_t int8_macs(int64_t iters) {
 
 const Kernels& kernels() {
   static const Kernels k{"scalar",          chunk_sum,         ternary_round,   act_quant_row,
-                         norm_quant_row,   i2s_prepare_row,  i2s_gemm,        generic_f16_gemm,
+                         norm_quant_row,   i2s_prepare_row,  i2s_gemm,        /*i2s_natural_rows=*/1,
+                         generic_f16_gemm,
                          generic_i8_gemm,  generic_dot_f32,  generic_axpy_f32, generic_glu,     read_bytes,
                          int8_macs};
   return k;

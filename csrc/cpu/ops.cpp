@@ -108,10 +108,15 @@ void i2s_matmul_multi(const int8_t* q, const float* x_scale, int64_t N, int64_t 
   check_positive("q.shape[0]", N);
   if (K % format_info("i2_s").block_values) fail("K=" + std::to_string(K) + " is not a multiple of 128");
   const Kernels& k = active_kernels();
-  auto acts = aligned_buffer<int8_t>(N * K + 64);  // kernels may read 64 bytes past the last row
+  // The activations in the layout the gemm reads: q itself from i2s_natural_rows rows up, else a
+  // prepared copy (which kernels may read up to 64 bytes past its last row).
+  const bool natural = N >= k.i2s_natural_rows;
+  auto prepared = aligned_buffer<int8_t>(natural ? 0 : N * K + 64);
+  const int8_t* acts = natural ? q : prepared.get();
   auto rowsum = aligned_buffer<int32_t>(N);
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) rowsum[n] = k.i2s_prepare_row(q + n * K, K, acts.get() + n * K);
+    for (int64_t n = n0; n < n1; ++n)
+      rowsum[n] = k.i2s_prepare_row(q + n * K, K, natural ? nullptr : prepared.get() + n * K);
   });
   // Split the weight rows across threads in units of 32 rows (a multiple of every tile width);
   // one activation row (decode) has no tiles, and finer units balance its short calls better.
@@ -132,7 +137,7 @@ void i2s_matmul_multi(const int8_t* q, const float* x_scale, int64_t N, int64_t 
       while (first[t + 1] <= u0) ++t;
       const int64_t u_end = std::min(u1, first[t + 1]);
       const I2SMatmulTarget& tg = targets[t];
-      k.i2s_gemm(acts.get(), rowsum.get(), x_scale, N, K, tg.packed, w_scale[t], (u0 - first[t]) * unit,
+      k.i2s_gemm(acts, rowsum.get(), x_scale, N, K, tg.packed, w_scale[t], (u0 - first[t]) * unit,
                  std::min((u_end - first[t]) * unit, tg.M), tg.out, tg.M);
       u0 = u_end;
     }
