@@ -461,6 +461,9 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
   if (N >= kBandMinRows) {
     uint8_t* buf = scratch<1>(K * 32);  // one unpacked band
     const int64_t tiles = (N + kBandTileRows - 1) / kBandTileRows;
+    // The first band: all its lines requested at once rather than as unpack_band reaches them.
+    for (int64_t o = 0; o < std::min<int64_t>(kBand, m1 - m0) * row_bytes; o += 64)
+      _mm_prefetch((const char*)(W + m0 * row_bytes + o), _MM_HINT_T0);
     for (int64_t m = m0; m < m1; m += kBand) {
       const int64_t rows = std::min<int64_t>(kBand, m1 - m);
       unpack_band(W + m * row_bytes, row_bytes, K, rows, buf);
