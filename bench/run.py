@@ -658,18 +658,22 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
 
     for r in ours:
         core = r["provider"] == "wrinklefree_core"
+        # The matmul's throughput is judged on the kernel itself, as the inference engine calls
+        # it; the op adds a fixed Python cost per call (meta.call_overhead_us) and allocates its
+        # output. The ratio to torch is judged on the op, which pays what torch's matmul pays.
         if r["kernel"] == "i2s_matmul" and r["shape"]["N"] == 1:
-            # judged on the kernel itself; the op adds a fixed Python cost per call (meta.call_overhead_us)
             if core:
                 add("decode weight streaming", r, r["pct_read_bw"], 100 * DECODE_BW_SHARE, "% of read BW")
             else:
                 add("decode, through the op", r, r["pct_read_bw"], None, "% of read BW", False, "(with call cost)")
+        elif r["kernel"] == "i2s_matmul" and core:
+            add("prefill throughput", r, r["gmac_per_s"], PREFILL_GMACS, "G multiply-adds/s")
+            add("prefill share of peak", r, r["pct_int8_peak"], None, "% of int8 MAC peak", False, "(the ceiling)")
         elif core:
             continue
         elif r["kernel"] == "i2s_matmul":
-            add("prefill throughput", r, r["gmac_per_s"], PREFILL_GMACS, "G multiply-adds/s")
+            add("prefill, through the op", r, r["gmac_per_s"], None, "G multiply-adds/s", False, "(with call cost)")
             add("prefill vs torch fp32", r, r["ratio"], PREFILL_VS_FP32, "x torch fp32")
-            add("prefill share of peak", r, r["pct_int8_peak"], None, "% of int8 MAC peak", False, "(the ceiling)")
         elif r["kernel"] == "bitlinear_packed" and r["shape"]["N"] == 1:
             add("decode, through BitLinear", r, r["pct_read_bw"], None, "% of read BW", False, "(with layer cost)")
         elif r["kernel"] == "bitlinear_train":
