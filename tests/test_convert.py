@@ -78,6 +78,51 @@ def test_relu2_activation_and_skip():
     assert isinstance(model.model.layers[1].self_attn.q_proj, BitLinear)
 
 
+def _unfused(model):
+    """The same model with the FFNs' own (unfused) forward back."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("how", ["convert", "config"])
+def test_relu2_ffns_use_the_fused_op_with_the_same_values(arch, how):
+    model = tiny(arch, hidden_act="relu2") if how == "config" else tiny(arch)
+    model = convert(model, activation="relu2" if how == "convert" else "keep", schedule=QuantSchedule(0))
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert all("forward" in mlp.__dict__ for mlp in mlps)
+    plain = _unfused(model)
+    assert not any("forward" in m.__dict__ for m in plain.modules())
+    x = ids()
+    out, ref = model(x).logits, plain(x).logits
+    assert torch.equal(out, ref)  # the op computes in float32: bitwise the unfused float32 result
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_ffn_calls_the_op_and_survives_deepcopy(monkeypatch):
+    from wrinklefree import ops
+
+    model = convert(tiny("llama", hidden_act="relu2"))
+    calls = []
+    real = ops.relu2_glu
+    monkeypatch.setattr(ops, "relu2_glu", lambda g, u: calls.append(g.shape) or real(g, u))
+    copied = copy.deepcopy(model)
+    copied(ids())
+    assert len(calls) == len(model.model.layers)
+    mlp = copied.model.layers[0].mlp
+    assert mlp.forward.__self__ is mlp  # bound to the copy, not to the original
+
+
+def test_silu_ffns_are_not_fused():
+    model = convert(tiny("llama"))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_lrc_and_qsparse_options():
     schedule = QuantSchedule(5)
     model = convert(tiny("llama"), lrc_rank=4, qsparse={"ratio": 0.5}, schedule=schedule)

@@ -3,18 +3,21 @@
 Every nn.Linear except the output head becomes a :class:`~wrinklefree.nn.BitLinear` that shares
 the original parameters (no copy, so this works on the meta device and before FSDP2 sharding);
 SubLN goes before o_proj and down_proj ("standard") or before every BitLinear ("allnorm"); the
-FFN activation can stay or become relu2. The settings are recorded in
-``model.config.wrinklefree`` so that a saved model can be rebuilt.
+FFN activation can stay or become relu2. A relu2 FFN (set here or by the model's config) computes
+``relu(gate)^2 * up`` with the fused :func:`wrinklefree.ops.relu2_glu`. The settings are recorded
+in ``model.config.wrinklefree`` so that a saved model can be rebuilt.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import types
 from dataclasses import asdict, dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
+from wrinklefree import ops
 from wrinklefree.nn import BitLinear, BitLinearLRC, QSparse, QuantSchedule, bitlinear_modules
 
 #: model_type -> the family name users know it by
@@ -129,8 +132,36 @@ def convert(
 
     if cfg.activation == "relu2":
         _set_activation(model, "relu2")
+    fuse_relu2_glu(model)
     config.wrinklefree = asdict(cfg)
     return model
+
+
+# FFN classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)), with the BitNet
+# model's ffn_sub_norm in front of down_proj: those the fused forward below reproduces.
+_GLU_FFNS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "BitNetMLP")
+
+
+def _relu2_glu_ffn_forward(self: nn.Module, x: Tensor) -> Tensor:
+    h = ops.relu2_glu(self.gate_proj(x), self.up_proj(x))
+    sub_norm = getattr(self, "ffn_sub_norm", None)
+    return self.down_proj(sub_norm(h) if sub_norm is not None else h)
+
+
+def fuse_relu2_glu(model: nn.Module) -> int:
+    """Give every relu2 gated FFN of ``model`` a forward that computes ``relu(gate)^2 * up`` in one
+    :func:`wrinklefree.ops.relu2_glu` (one kernel on GPU, forward and backward, and only gate and up
+    kept for the backward). The same values: the op computes in float32, so in float32 the result
+    is bitwise the unfused one. Parameters and state-dict keys are unchanged. Returns the number
+    of FFNs fused."""
+    from transformers.activations import ReLUSquaredActivation
+
+    fused = 0
+    for module in model.modules():
+        if type(module).__name__ in _GLU_FFNS and isinstance(getattr(module, "act_fn", None), ReLUSquaredActivation):
+            module.forward = types.MethodType(_relu2_glu_ffn_forward, module)
+            fused += 1
+    return fused
 
 
 def _qsparse_args(qsparse: QSparse | dict | None) -> dict | None:
