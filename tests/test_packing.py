@@ -102,6 +102,18 @@ def test_tq_bytes_equal_gguf_quantizer(fmt, per_block):
     np.testing.assert_array_equal(decoded, (codes_back.float() * unpacked_scale.repeat_interleave(256, 1)).numpy())
 
 
+@pytest.mark.parametrize("fmt", ["i2_s", "tq2_0", "tq1_0"])
+def test_reference_pack_and_unpack_stay_on_the_inputs_device(fmt):
+    # The reference is what CUDA tensors are packed with: it must make no tensor of its own on the
+    # CPU. The meta device shows that here (mixing it with a CPU tensor fails), and gives the shapes.
+    m, k = 3, 512
+    codes = torch.zeros(m, k, dtype=torch.int8, device="meta")
+    buf = reference.pack(codes, torch.ones((), device="meta"), fmt)
+    assert buf.device.type == "meta" and buf.shape == (ops.FORMATS[fmt].nbytes(m, k),)
+    out, scale = reference.unpack(buf, (m, k), fmt)
+    assert out.device.type == "meta" and out.shape == (m, k) and scale.device.type == "meta"
+
+
 def test_unpack_rejects_invalid_codes():
     packed = ops.pack(random_codes(2, 128), torch.tensor(1.0), "i2_s")
     packed[3] = 0xFF  # code 3 is unused in i2_s

@@ -169,11 +169,11 @@ class BitLinear(nn.Linear):
         w = self.weight.detach()
         if w.is_meta:
             raise ValueError(f"{type(self).__name__}.pack: the weight is on the meta device; materialize it first")
-        codes, scale = ops.ternary_quant(w.to(torch.float32).cpu().contiguous())
+        codes, scale = ops.ternary_quant(w.to(torch.float32).contiguous())  # on the weight's device
         pad = self.padded_in_features - self.in_features
         if pad:
             codes = F.pad(codes, (0, pad))
-        self._set_packed(ops.pack(codes, scale, "i2_s").to(w.device))
+        self._set_packed(ops.pack(codes, scale, "i2_s"))
         return self
 
     def _set_packed(self, buf: Tensor) -> None:
@@ -201,16 +201,16 @@ class BitLinear(nn.Linear):
         if layer.subln is not None:
             layer.subln = SubLN(in_features, layer.subln.eps, device=codes.device)
         pad = layer.padded_in_features - in_features
-        c = F.pad(codes.to(torch.int8).cpu(), (0, pad)) if pad else codes.to(torch.int8).cpu().contiguous()
-        s = torch.as_tensor(scale, dtype=torch.float32).reshape(())
-        layer._set_packed(ops.pack(c, s, "i2_s").to(codes.device))
+        c = F.pad(codes.to(torch.int8), (0, pad)) if pad else codes.to(torch.int8).contiguous()
+        s = torch.as_tensor(scale, dtype=torch.float32, device=codes.device).reshape(())
+        layer._set_packed(ops.pack(c, s, "i2_s"))
         return layer.eval()
 
     def ternary_weight(self) -> tuple[Tensor, Tensor]:
         """``(codes int8 [out, in], scale float32 0-dim)``: what the layer multiplies by."""
         if self.is_packed:
-            codes, scale = ops.unpack(self.packed.cpu(), (self.out_features, self.padded_in_features), "i2_s")
-            return codes[:, : self.in_features].to(self.packed.device), scale.to(self.packed.device)
+            codes, scale = ops.unpack(self.packed, (self.out_features, self.padded_in_features), "i2_s")
+            return codes[:, : self.in_features], scale
         return ops.ternary_quant(self.weight.detach().contiguous())
 
     def _packed_matmul(self, q: Tensor, x_scale: Tensor, like: Tensor) -> Tensor:

@@ -72,7 +72,7 @@ def _check_pack(codes: Tensor, scale: Tensor, fmt: str) -> PackedFormat:
 def _pack_reference(codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
     if codes.lt(-1).any() or codes.gt(1).any():
         raise ValueError("pack: codes must be in {-1, 0, 1}")
-    return reference.pack(codes.cpu(), scale.cpu(), fmt).to(codes.device)
+    return reference.pack(codes, scale, fmt)  # device-agnostic torch ops: CUDA codes stay on the GPU
 
 
 @torch.library.custom_op("wrinklefree::pack", mutates_args=())

@@ -173,7 +173,7 @@ def _block_scales(codes: Tensor, scale: Tensor, block: int) -> Tensor:
     """Per-block float32 scales (a tensor scale broadcast); 0 for all-zero blocks, as ggml writes."""
     any_nonzero = (codes.reshape(-1, block) != 0).any(dim=1)
     per_block = scale.reshape(-1).to(torch.float32).expand(any_nonzero.shape[0])
-    return torch.where(any_nonzero, per_block, torch.zeros((), dtype=torch.float32))
+    return torch.where(any_nonzero, per_block, torch.zeros((), dtype=torch.float32, device=codes.device))
 
 
 def _fp16_bytes(d: Tensor) -> Tensor:
@@ -183,26 +183,27 @@ def _fp16_bytes(d: Tensor) -> Tensor:
 def _trits_to_bytes(t: Tensor, n_digits: int) -> Tensor:
     """t [B, n_digits, W] digits 0..2, most significant first -> [B, W] bytes (ceil(q*256/243))."""
     # a 4-digit byte is shifted up by one digit, so the weights are 81, 27, 9, 3 either way
-    q = (t.to(torch.int32) * _POW3[:n_digits].view(1, -1, 1)).sum(dim=1)
+    q = (t.to(torch.int32) * _POW3[:n_digits].to(t.device).view(1, -1, 1)).sum(dim=1)
     return ((q * 256 + 242) // 243).to(torch.uint8)
 
 
 def _bytes_to_trits(b: Tensor, n_digits: int) -> Tensor:
     """[B, W] bytes -> [B, n_digits, W] digits 0..2."""
-    pow3 = torch.tensor([1, 3, 9, 27, 81][:n_digits], dtype=torch.int32).view(1, -1, 1)
+    pow3 = torch.tensor([1, 3, 9, 27, 81][:n_digits], dtype=torch.int32, device=b.device).view(1, -1, 1)
     q = (b.to(torch.int32).unsqueeze(1) * pow3) & 0xFF
     return (q * 3) >> 8
 
 
 def pack(codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
-    """Pack ternary codes int8 [M, K] with their scale into the bytes of ``fmt`` (uint8, 1-D)."""
+    """Pack ternary codes int8 [M, K] with their scale into the bytes of ``fmt`` (uint8, 1-D), on
+    the codes' device."""
     m, k = codes.shape
     c = codes.to(torch.int32) + 1  # -1, 0, 1 -> 0, 1, 2
     if fmt == "i2_s":
         blocks = c.reshape(-1, 4, 32)  # [block, sub-block s (bits 7-6 .. 1-0), byte]
         packed = (blocks[:, 0] << 6) | (blocks[:, 1] << 4) | (blocks[:, 2] << 2) | blocks[:, 3]
-        tail = torch.zeros(32, dtype=torch.uint8)
-        tail[:4] = scale.reshape(1).to(torch.float32).view(torch.uint8)
+        tail = torch.zeros(32, dtype=torch.uint8, device=codes.device)
+        tail[:4] = scale.reshape(1).to(device=codes.device, dtype=torch.float32).view(torch.uint8)
         return torch.cat([packed.to(torch.uint8).reshape(-1), tail])
     d = _fp16_bytes(_block_scales(codes, scale, 256))
     blocks = c.reshape(-1, 256)
@@ -230,7 +231,7 @@ def unpack(buf: Tensor, shape: tuple[int, int], fmt: str) -> tuple[Tensor, Tenso
     m, k = shape
     if fmt == "i2_s":
         body = buf[: m * k // 4].to(torch.int32).reshape(-1, 1, 32)
-        shifts = torch.tensor([6, 4, 2, 0], dtype=torch.int32).view(1, 4, 1)
+        shifts = torch.tensor([6, 4, 2, 0], dtype=torch.int32, device=buf.device).view(1, 4, 1)
         codes = ((body >> shifts) & 3).reshape(m, k) - 1
         scale = buf[m * k // 4 : m * k // 4 + 4].clone().view(torch.float32).reshape(())
         return codes.to(torch.int8), scale
@@ -239,7 +240,7 @@ def unpack(buf: Tensor, shape: tuple[int, int], fmt: str) -> tuple[Tensor, Tenso
     d = blocks[:, -2:].clone().view(torch.float16).to(torch.float32).reshape(m, k // 256)
     qs = blocks[:, :-2].to(torch.int32)
     if fmt == "tq2_0":
-        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 1, 4, 1)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=buf.device).view(1, 1, 4, 1)
         vals = (qs.reshape(-1, 2, 1, 32) >> shifts) & 3  # [block, half, n, m]
         codes = vals.reshape(m, k) - 1
     else:
