@@ -4,6 +4,7 @@ against torch's fp32 matmul, on the BitNet b1.58 2B4T shapes (DESIGN.md section 
 whole training step of a converted Llama model against the same model in full precision.
 
     python bench/run.py [--quick] [--out PATH] [--threads N] [--isa avx512|avx2|scalar] [--kernels a,b]
+    python bench/run.py --gpu [--quick] [--out PATH] [--kernels a,b]      (the CUDA/Triton kernels)
     python bench/run.py --e2e [2b4t|small] [--threads N] [--out PATH]    (bench/e2e.py: the inference engines)
 
 Prints a table and the section-6 targets, and writes one JSON row per (kernel, provider, shape);
@@ -63,8 +64,17 @@ DECODE_BW_SHARE = 0.80
 PREFILL_GMACS = 400.0
 PREFILL_VS_FP32 = 3.0
 QUANT_BW_SHARE = 0.50
+GPU_QUANT_BW_SHARE = 0.80  # quant kernels' share of the HBM read bandwidth (GPU)
+GEMV_VS_CUBLAS = 3.0  # decode: the I2_S GEMV's speedup over cuBLAS's bf16 GEMV (GPU)
 TRAIN_TIME_VS_LINEAR = 1.15  # BitLinear forward+backward time over a bf16 nn.Linear's (GPU)
 TRAIN_STEP_VS_FULL = 1.15  # BitNet model's training step time over the same model's in bf16 (GPU)
+
+# --gpu: activations of a training batch (4 x 2048 tokens) for the quant kernels; the HBM probe
+# reads a buffer far larger than any GPU's L2.
+GPU_TOKENS = 8192
+HBM_PROBE_BYTES = 1 << 30
+# SmolLM2-135M's BitLinears (K, M): q/o, k/v, gate/up, down; the GPU training target covers them.
+SMOLLM2_SHAPES_KM = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 
 # Models of the train_step entry, built with random weights (no download): "tiny" is read from
 # configs/model/tiny.yaml (the embedded default's model), "smollm2_135m" has SmolLM2-135M's shape.
@@ -126,14 +136,16 @@ class Settings:
     max_reps: int
     probe_reps: int
     formats: tuple[str, ...] = ("i2_s",)  # packed formats for pack/unpack
+    device: str = "cpu"  # where the --gpu entries run ("cuda"; tests build them on "cpu")
 
 
 REGISTRY: dict[str, Callable[[Settings], Iterator[Case]]] = {}
+GPU_REGISTRY: dict[str, Callable[[Settings], Iterator[Case]]] = {}  # the --gpu suite
 
 
-def register(kernel: str):
+def register(kernel: str, gpu: bool = False):
     def deco(make_cases: Callable[[Settings], Iterator[Case]]):
-        REGISTRY[kernel] = make_cases
+        (GPU_REGISTRY if gpu else REGISTRY)[kernel] = make_cases
         return make_cases
 
     return deco
@@ -273,10 +285,18 @@ def bitlinear_train_cases(s: Settings) -> Iterator[Case]:
     # the DESIGN target compares with a bf16 Linear, which is what autocast runs on CUDA
     baseline = "torch_bf16" if device == "cuda" else "torch_fp32"
     out_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    # --quick: q/o only; a CPU step at the gate/up/down shapes takes ~0.25-0.5 s
-    shapes = SHAPES_KM[:1] if s.quick else SHAPES_KM
+    # --quick: q/o only; a CPU step at the gate/up/down shapes takes ~0.25-0.5 s. On a GPU the
+    # target also covers SmolLM2-135M's shapes, and onebitllms's BitNetLinear runs where installed.
+    shapes = SHAPES_KM[:1] if s.quick else SHAPES_KM + (SMOLLM2_SHAPES_KM if device == "cuda" else [])
+    ob = onebitllms_kernels() if device == "cuda" else None
     for k, m in shapes:
         bitlinear, linear = same_weight_layers(m, k, device)
+        extra = {}
+        if ob is not None:
+            theirs = ob.BitNetLinear(k, m, bias=False).to(device)
+            with torch.no_grad():
+                theirs.weight.copy_(linear.weight)
+            extra["onebitllms"] = theirs
         for n in TRAIN_TOKENS_CUDA if device == "cuda" else TRAIN_TOKENS_CPU:
             x = activations(n, k).to(device).requires_grad_()
             g = torch.Generator().manual_seed(n * 100_003 + m + 2)
@@ -288,6 +308,7 @@ def bitlinear_train_cases(s: Settings) -> Iterator[Case]:
                 providers={
                     "wrinklefree": Provider(forward_backward, (bitlinear, x, grad_out)),
                     baseline: Provider(forward_backward, (linear, x, grad_out)),
+                    **{name: Provider(forward_backward, (layer, x, grad_out)) for name, layer in extra.items()},
                 },
                 baseline=baseline,
                 # in: x, W (float32), grad_out; out: y, dx (float32), dW (float32)
@@ -326,6 +347,126 @@ def bitlinear_packed_cases(s: Settings) -> Iterator[Case]:
                 memory_bound=n == 1,
                 stream_bytes=weight_bytes,
                 int8_matmul=True,
+            )
+
+
+# ---- GPU (--gpu) ------------------------------------------------------------------------------
+# The same ops on CUDA tensors: the Triton quantizers and the CUDA I2_S GEMV/GEMM. Memory-bound
+# rows report their share of the HBM read bandwidth probed beside them. Where the onebitllms
+# package is installed its Triton kernels run in the same cases (they fake-quantize: they write
+# the dequantized tensor where ours write int8 codes).
+
+
+def onebitllms_kernels():
+    try:
+        import onebitllms
+    except ImportError:
+        return None
+    return onebitllms
+
+
+def gpu_activations(n: int, k: int, device: str) -> torch.Tensor:
+    """bf16 activations, as a BitLinear sees them under mixed-precision training."""
+    return activations(n, k).to(device, torch.bfloat16)
+
+
+def onebitllms_act_quant(x: torch.Tensor) -> torch.Tensor:
+    return onebitllms_kernels().activation_quant_triton(x.unsqueeze(0))  # it takes [batch, seq, hidden]
+
+
+@register("act_quant_int8", gpu=True)
+def gpu_act_quant_cases(s: Settings) -> Iterator[Case]:
+    ob = onebitllms_kernels()
+    for k in _activation_ks():
+        n = GPU_TOKENS
+        x = gpu_activations(n, k, s.device)
+        providers = {
+            "wrinklefree": Provider(ops.act_quant_int8, (x,)),
+            "reference": Provider(reference.act_quant_int8, (x,)),
+        }
+        if ob is not None:
+            providers["onebitllms"] = Provider(onebitllms_act_quant, (x,), nbytes=2 * x.nbytes)
+        yield Case(
+            kernel="act_quant_int8",
+            shape={"N": n, "K": k, "dtype": "bf16"},
+            providers=providers,
+            baseline="reference",
+            nbytes=x.nbytes + n * k + 4 * n,
+            memory_bound=True,
+            device=s.device,
+        )
+
+
+@register("rmsnorm_act_quant", gpu=True)
+def gpu_rmsnorm_act_quant_cases(s: Settings) -> Iterator[Case]:
+    for k in _activation_ks():
+        n = GPU_TOKENS
+        x = gpu_activations(n, k, s.device)
+        gain = (torch.rand(k, generator=torch.Generator().manual_seed(k)) + 0.5).to(s.device)
+        args = (x, gain, 1e-5)
+        yield Case(
+            kernel="rmsnorm_act_quant",
+            shape={"N": n, "K": k, "dtype": "bf16"},
+            providers={
+                "wrinklefree": Provider(ops.rmsnorm_act_quant, args),
+                "reference": Provider(reference.rmsnorm_act_quant, args),
+            },
+            baseline="reference",
+            nbytes=x.nbytes + 4 * k + n * k + 4 * n,
+            memory_bound=True,
+            device=s.device,
+        )
+
+
+@register("ternary_quant", gpu=True)
+def gpu_ternary_quant_cases(s: Settings) -> Iterator[Case]:
+    ob = onebitllms_kernels()
+    for k, m in SHAPES_KM:
+        w = weight(m, k).w.to(s.device)  # the float32 master weight
+        providers = {
+            "wrinklefree": Provider(ops.ternary_quant, (w,)),
+            "reference": Provider(reference.ternary_quant, (w,)),
+        }
+        if ob is not None:
+            providers["onebitllms"] = Provider(ob.weight_quant_triton, (w,), nbytes=3 * w.nbytes)
+        yield Case(
+            kernel="ternary_quant",
+            shape={"K": k, "M": m},
+            providers=providers,
+            baseline="reference",
+            nbytes=w.nbytes + m * k + 4,  # counted for one read of w, as on the CPU
+            memory_bound=True,
+            device=s.device,
+        )
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w)  # cuBLAS: a GEMV at one row
+
+
+@register("i2s_matmul", gpu=True)
+def gpu_i2s_matmul_cases(s: Settings) -> Iterator[Case]:
+    for k, m in SHAPES_KM:
+        wt = weight(m, k)
+        packed, w16 = wt.packed.to(s.device), wt.w.to(s.device, torch.bfloat16)
+        for n in BATCHES:
+            q, x_scale = (t.to(s.device) for t in ops.act_quant_int8(activations(n, k)))
+            x16 = activations(n, k).to(s.device, torch.bfloat16)
+            yield Case(
+                kernel="i2s_matmul",
+                shape={"N": n, "K": k, "M": m},
+                providers={
+                    "wrinklefree": Provider(ops.i2s_matmul, (q, x_scale, packed, m)),
+                    "torch_bf16": Provider(
+                        bf16_linear, (x16, w16), nbytes=2 * (n * k + m * k + n * m), stream_bytes=2 * m * k
+                    ),
+                },
+                baseline="torch_bf16",
+                nbytes=packed.numel() + n * k + 4 * n + 4 * n * m,
+                macs=n * m * k,
+                memory_bound=n == 1,
+                stream_bytes=m * k // 4,
+                device=s.device,
             )
 
 
@@ -380,6 +521,10 @@ def train_step_cases(s: Settings) -> Iterator[Case]:
             tokens=b * t,
             min_reps=3 if name == "smollm2_135m" else None,  # a CPU step takes ~3 s
         )
+
+
+GPU_REGISTRY["bitlinear_train"] = bitlinear_train_cases  # both pick CUDA when it is there
+GPU_REGISTRY["train_step"] = train_step_cases
 
 
 def _activation_ks() -> list[int]:
@@ -513,7 +658,20 @@ def rotated_args(p: Provider) -> tuple[list[tuple], int]:
     return sets, n * per_copy
 
 
+def time_provider_cuda(p: Provider, s: Settings) -> Timing:
+    """GPU timing with Triton's do_bench: CUDA events around each call, and the L2 cache flushed
+    between calls, so every call reads its operands from HBM (no copies to rotate)."""
+    from triton.testing import do_bench
+
+    rep_ms = 1000 * s.budget_s
+    median, p20, p80 = do_bench(lambda: p.fn(*p.args), warmup=1000 * s.warmup_s, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    reps = max(1, int(rep_ms / max(median, 1e-6)))  # about what do_bench ran
+    return Timing(median / 1e3, p20 / 1e3, p80 / 1e3, reps, 1, 0)
+
+
 def time_provider(p: Provider, s: Settings, device: str = "cpu") -> Timing:
+    if device == "cuda":
+        return time_provider_cuda(p, s)
     sets, touched = rotated_args(p)
     n = len(sets)
 
@@ -551,6 +709,22 @@ def probe_bandwidth(s: Settings) -> float:
     return ops.read_bandwidth(BW_PROBE_BYTES, s.probe_reps)
 
 
+def probe_hbm_bandwidth(s: Settings) -> float:
+    """The GPU's read bandwidth in bytes/s: torch's sum over HBM_PROBE_BYTES of float32, a
+    read-only pass, timed with CUDA events (best of probe_reps)."""
+    buf = torch.ones(HBM_PROBE_BYTES // 4, dtype=torch.float32, device="cuda")
+    buf.sum()
+    best = 0.0
+    for _ in range(max(s.probe_reps, 3)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        buf.sum()
+        end.record()
+        end.synchronize()
+        best = max(best, HBM_PROBE_BYTES / (start.elapsed_time(end) / 1e3))
+    return best
+
+
 # ---- running ----------------------------------------------------------------------------------
 
 
@@ -563,11 +737,12 @@ def run_case(case: Case, s: Settings, int8_peak: float) -> list[dict]:
     probes: list[float] = []
     for name in order:
         ours = case.memory_bound and name.startswith("wrinklefree")
+        probe = probe_hbm_bandwidth if case.device == "cuda" else probe_bandwidth
         if ours:
-            probes.append(probe_bandwidth(s))
+            probes.append(probe(s))
         timings[name] = time_provider(case.providers[name], settings, case.device)
         if ours:
-            probes.append(probe_bandwidth(s))
+            probes.append(probe(s))
     bw = statistics.mean(probes) if probes else None
 
     base = timings.get(case.baseline)
@@ -658,6 +833,16 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
 
     for r in ours:
         core = r["provider"] == "wrinklefree_core"
+        if r["device"] == "cuda" and r["kernel"] in ("act_quant_int8", "rmsnorm_act_quant", "ternary_quant"):
+            add("quant bandwidth (HBM)", r, r["pct_read_bw"], 100 * GPU_QUANT_BW_SHARE, "% of HBM read BW")
+            continue
+        if r["device"] == "cuda" and r["kernel"] == "i2s_matmul":
+            if r["shape"]["N"] == 1:
+                add("decode GEMV vs cuBLAS", r, r["ratio"], GEMV_VS_CUBLAS, "x cuBLAS bf16 GEMV")
+                add("decode GEMV streaming", r, r["pct_read_bw"], None, "% of HBM read BW", False, "(the ceiling)")
+            else:
+                add("prefill GEMM vs cuBLAS", r, r["ratio"], None, "x cuBLAS bf16", False, "(reported)")
+            continue
         # The matmul's throughput is judged on the kernel itself, as the inference engine calls
         # it; the op adds a fixed Python cost per call (meta.call_overhead_us) and allocates its
         # output. The ratio to torch is judged on the op, which pays what torch's matmul pays.
@@ -711,6 +896,12 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
                 judged,
                 "" if judged else "n/a (< 1 MiB per call: call-overhead bound)",
             )
+    # onebitllms, where it ran beside us: our speed over theirs, reported
+    theirs = {(r["kernel"], shape_text(r["shape"])): r for r in rows if r["provider"] == "onebitllms"}
+    for r in ours:
+        other = theirs.get((r["kernel"], shape_text(r["shape"])))
+        if other is not None:
+            add("vs onebitllms", r, other["median_ms"] / r["median_ms"], None, "x onebitllms's speed", False, "")
     return targets
 
 
@@ -780,7 +971,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--threads", type=int, help="kernel threads (torch gets the same); default: all CPUs")
     ap.add_argument("--isa", choices=["avx512", "avx2", "scalar"], help="force the kernels' instruction set")
-    ap.add_argument("--kernels", help=f"comma-separated subset of: {', '.join(REGISTRY)}")
+    ap.add_argument(
+        "--kernels",
+        help=f"comma-separated subset of: {', '.join(REGISTRY)}; with --gpu: {', '.join(GPU_REGISTRY)}",
+    )
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the CUDA suite instead: Triton quantizers against the HBM bandwidth, the I2_S GEMV/GEMM against "
+        "cuBLAS bf16, BitLinear training and the training step against bf16 (default out: bench/out/gpu.json)",
+    )
     ap.add_argument(
         "--e2e",
         nargs="?",
@@ -806,12 +1006,15 @@ def main(argv: list[str] | None = None) -> None:
     # torch's matmul is the baseline, so it gets exactly the threads our kernels get
     torch.set_num_threads(ops.get_num_threads())
 
-    kernels = list(REGISTRY)
+    registry = GPU_REGISTRY if args.gpu else REGISTRY
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
+    kernels = list(registry)
     if args.kernels:
         kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-        unknown = [k for k in kernels if k not in REGISTRY]
+        unknown = [k for k in kernels if k not in registry]
         if unknown:
-            sys.exit(f"unknown kernels {unknown}; choose from {list(REGISTRY)}")
+            sys.exit(f"unknown kernels {unknown}; choose from {list(registry)}")
 
     if args.quick:
         s = Settings(quick=True, budget_s=0.1, warmup_s=0.02, min_reps=3, max_reps=200, probe_reps=2)
@@ -825,6 +1028,8 @@ def main(argv: list[str] | None = None) -> None:
             probe_reps=3,
             formats=("i2_s", "tq2_0", "tq1_0"),
         )
+    if args.gpu:
+        s = replace(s, device="cuda")
 
     start = time.perf_counter()
     bw_start = probe_bandwidth(replace(s, probe_reps=5))
@@ -845,9 +1050,12 @@ def main(argv: list[str] | None = None) -> None:
         "int8_peak_gmac_per_s": int8_peak / 1e9,
         "read_bw_probe_bytes": BW_PROBE_BYTES,
         "rotate_bytes": ROTATE_BYTES,
-        "call_overhead_us": call_overhead_us(s),
+        "call_overhead_us": call_overhead_us(replace(s, device="cpu")),
+        "hbm_read_bw_gb_per_s": probe_hbm_bandwidth(s) / 1e9 if args.gpu else None,
     }
     gpu = f" | {meta['cuda_device']}" if meta["cuda_device"] else ""
+    if meta["hbm_read_bw_gb_per_s"]:
+        gpu += f" (HBM read {meta['hbm_read_bw_gb_per_s']:.0f} GB/s)"
     print(
         f"{meta['cpu']} | isa {meta['isa']} | {meta['threads']} threads | wrinklefree {meta['wrinklefree_version']}"
         f" | torch {meta['torch_version']}{gpu} | read BW {meta['read_bw_gb_per_s']:.1f} GB/s"
@@ -863,7 +1071,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[dict] = []
     for kernel in kernels:
-        for case in REGISTRY[kernel](s):
+        for case in registry[kernel](s):
             for row in run_case(case, s, int8_peak):
                 print_row(row)
                 rows.append(row)
@@ -879,7 +1087,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     meta["wall_s"] = time.perf_counter() - start
 
-    out = Path(args.out or "bench/out/kernels.json")
+    out = Path(args.out or ("bench/out/gpu.json" if args.gpu else "bench/out/kernels.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1) + "\n")
     print(f"\nwrote {out} ({len(rows)} rows) in {meta['wall_s']:.1f} s")
