@@ -357,6 +357,7 @@ def bitlinear_packed_cases(s: Settings) -> Iterator[Case]:
 # the dequantized tensor where ours write int8 codes).
 
 
+@functools.cache
 def onebitllms_kernels():
     try:
         import onebitllms
@@ -370,10 +371,6 @@ def gpu_activations(n: int, k: int, device: str) -> torch.Tensor:
     return activations(n, k).to(device, torch.bfloat16)
 
 
-def onebitllms_act_quant(x: torch.Tensor) -> torch.Tensor:
-    return onebitllms_kernels().activation_quant_triton(x.unsqueeze(0))  # it takes [batch, seq, hidden]
-
-
 @register("act_quant_int8", gpu=True)
 def gpu_act_quant_cases(s: Settings) -> Iterator[Case]:
     ob = onebitllms_kernels()
@@ -385,7 +382,8 @@ def gpu_act_quant_cases(s: Settings) -> Iterator[Case]:
             "reference": Provider(reference.act_quant_int8, (x,)),
         }
         if ob is not None:
-            providers["onebitllms"] = Provider(onebitllms_act_quant, (x,), nbytes=2 * x.nbytes)
+            # it takes [batch, seq, hidden]
+            providers["onebitllms"] = Provider(ob.activation_quant_triton, (x.unsqueeze(0),), nbytes=2 * x.nbytes)
         yield Case(
             kernel="act_quant_int8",
             shape={"N": n, "K": k, "dtype": "bf16"},
@@ -450,8 +448,9 @@ def gpu_i2s_matmul_cases(s: Settings) -> Iterator[Case]:
         wt = weight(m, k)
         packed, w16 = wt.packed.to(s.device), wt.w.to(s.device, torch.bfloat16)
         for n in BATCHES:
-            q, x_scale = (t.to(s.device) for t in ops.act_quant_int8(activations(n, k)))
-            x16 = activations(n, k).to(s.device, torch.bfloat16)
+            x = activations(n, k)
+            q, x_scale = (t.to(s.device) for t in ops.act_quant_int8(x))
+            x16 = x.to(s.device, torch.bfloat16)
             yield Case(
                 kernel="i2s_matmul",
                 shape={"N": n, "K": k, "M": m},
@@ -709,10 +708,16 @@ def probe_bandwidth(s: Settings) -> float:
     return ops.read_bandwidth(BW_PROBE_BYTES, s.probe_reps)
 
 
+@functools.cache
+def hbm_probe_buffer() -> torch.Tensor:
+    """The probe's HBM_PROBE_BYTES of float32, made once per run (every memory-bound case probes twice)."""
+    return torch.ones(HBM_PROBE_BYTES // 4, dtype=torch.float32, device="cuda")
+
+
 def probe_hbm_bandwidth(s: Settings) -> float:
     """The GPU's read bandwidth in bytes/s: torch's sum over HBM_PROBE_BYTES of float32, a
     read-only pass, timed with CUDA events (best of probe_reps)."""
-    buf = torch.ones(HBM_PROBE_BYTES // 4, dtype=torch.float32, device="cuda")
+    buf = hbm_probe_buffer()
     buf.sum()
     best = 0.0
     for _ in range(max(s.probe_reps, 3)):

@@ -16,8 +16,8 @@ from test_train import run
 
 from wrinklefree import _C
 from wrinklefree.export.__main__ import main
-from wrinklefree.export.checkpoint import find_training_checkpoint, load_training_checkpoint
-from wrinklefree.train.checkpoint import TOKENIZER_DIR, read_trainer_state
+from wrinklefree.export.checkpoint import load_training_checkpoint
+from wrinklefree.train.checkpoint import TOKENIZER_DIR, find_checkpoint, read_trainer_state
 
 pytestmark = pytest.mark.slow  # about 15 s: a trainer run, then the export
 
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # the session's cache (conftest's fixture is per test)
         mp.setenv("WF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "wf-cache"))
         trainer, summary = run(tmp_path_factory.mktemp("train"), *RUN)
-    final = find_training_checkpoint(summary["checkpoint"])
+    final = find_checkpoint(summary["checkpoint"])
     assert final is not None and final.name == "final"
     return trainer, final.parent
 
@@ -102,10 +102,10 @@ def test_final_checkpoint_exports_and_runs_in_the_engine(trained, tmp_path, caps
 
 def test_stage_directory_takes_final_then_newest_step(trained, tmp_path):
     _, stage = trained
-    assert find_training_checkpoint(stage) == stage / "final"
+    assert find_checkpoint(stage) == stage / "final"
     copied = tmp_path / "checkpoints"
     shutil.copytree(stage, copied, ignore=shutil.ignore_patterns("final"))
-    assert find_training_checkpoint(copied) == copied / "step_2"
+    assert find_checkpoint(copied) == copied / "step_2"
     main([str(copied), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "tq1_0"])
     assert engine_logits(tmp_path / "m.gguf", IDS[:4])[0].arch == "bitnet"
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wrinklefree.export.checkpoint import find_training_checkpoint, load_training_checkpoint
+from wrinklefree.export.checkpoint import load_training_checkpoint
 from wrinklefree.export.gguf_writer import OUTTYPES, export_gguf
+from wrinklefree.train.checkpoint import find_checkpoint
 
 
 def export_checkpoint(checkpoint: str, outfile: str, outtype: str, tokenizer: str | None = None) -> Path:
     """Export either kind of checkpoint directory (see the module docstring); the tokenizer defaults to the
     checkpoint's own."""
     source = Path(checkpoint)
-    trained = find_training_checkpoint(source)
+    trained = find_checkpoint(source)
     if trained is not None:
         model, own_tokenizer = load_training_checkpoint(trained)
         return export_gguf(model, outfile, outtype, tokenizer=tokenizer or own_tokenizer)

@@ -23,7 +23,6 @@ from wrinklefree.models.hf_bitnet import bitnet_config, bitnet_state_dict, load_
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.train.checkpoint import (
     TOKENIZER_DIR,
-    find_checkpoint,
     is_url,
     read_trainer_state,
     rebuild_model,
@@ -35,11 +34,6 @@ _RESAVE_HINT = (
     "<the run's options> training.resume.checkpoint_path={path} training.max_steps=<its step> "
     "(no steps run; the final checkpoint is written again, with its config and tokenizer)"
 )
-
-
-find_training_checkpoint = find_checkpoint
-"""The trainer checkpoint a path names: itself, or a stage directory's ``final`` or newest ``step_N`` one
-(:func:`wrinklefree.train.checkpoint.find_checkpoint`); None for anything else."""
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:

@@ -104,6 +104,11 @@ def triton_kernels() -> ModuleType | None:
     return module
 
 
+def triton_for(t: torch.Tensor) -> ModuleType | None:
+    """:func:`triton_kernels` for an op on ``t``: only for CUDA tensors, with the native backend on."""
+    return triton_kernels() if t.is_cuda and use_native() else None
+
+
 def eager_cpu(*tensors: object) -> bool:
     """True when a call can skip the dispatcher and run the CPU kernel directly.
 

@@ -21,7 +21,7 @@ from wrinklefree.ops._backend import (
     check_tensor,
     cuda_core,
     dtype_code,
-    triton_kernels,
+    triton_for,
     use_native,
 )
 
@@ -51,7 +51,7 @@ def _ternary_quant_cpu(w: Tensor) -> tuple[Tensor, Tensor]:
 @_ternary_quant.register_kernel("cuda")
 def _ternary_quant_cuda(w: Tensor) -> tuple[Tensor, Tensor]:
     _check_ternary_quant(w)
-    tk = triton_kernels() if use_native() else None
+    tk = triton_for(w)
     if tk is not None:
         return tk.quant.ternary_quant(w)
     core = cuda_core() if use_native() else None
@@ -113,7 +113,7 @@ def _act_quant_int8_cpu(x: Tensor) -> tuple[Tensor, Tensor]:
 @_act_quant_int8.register_kernel("cuda")
 def _act_quant_int8_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_act_quant(x)
-    tk = triton_kernels() if use_native() else None
+    tk = triton_for(x)
     if tk is not None:
         return tk.quant.act_quant_int8(x)
     core = cuda_core() if use_native() else None
@@ -192,7 +192,7 @@ def _rmsnorm_act_quant_native_cpu(
 @_rmsnorm_act_quant.register_kernel("cuda")
 def _rmsnorm_act_quant_cuda(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check_rmsnorm_act_quant(x, weight, eps)
-    tk = triton_kernels() if use_native() else None
+    tk = triton_for(x)
     if tk is not None:
         return tk.quant.rmsnorm_act_quant(x, weight, eps)[:2]
     return reference.rmsnorm_act_quant(x, weight, eps)
@@ -229,7 +229,7 @@ def rmsnorm_act_quant_with_inv(x: Tensor, weight: Tensor, eps: float) -> tuple[T
     if use_native() and x.is_cpu:
         inv = torch.empty(x.shape[0], dtype=torch.float32)
         return (*_rmsnorm_act_quant_native_cpu(x, weight, eps, inv), inv)
-    tk = triton_kernels() if use_native() and x.is_cuda else None
+    tk = triton_for(x)
     if tk is not None:
         return tk.quant.rmsnorm_act_quant(x, weight, eps)
     return (*rmsnorm_act_quant(x, weight, eps), reference.rms_inv(x, eps))

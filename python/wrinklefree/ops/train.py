@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from wrinklefree.ops import reference
-from wrinklefree.ops._backend import FLOAT_DTYPES, check_same_device, check_tensor, triton_kernels, use_native
+from wrinklefree.ops._backend import FLOAT_DTYPES, check_same_device, check_tensor, triton_for
 from wrinklefree.ops.quant import act_quant_int8, rmsnorm_act_quant_with_inv, ternary_quant
 
 _EMPTY = (0,)
@@ -46,10 +46,6 @@ def _check(x: Tensor, weight: Tensor, norm_weight: Tensor | None, eps: float) ->
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
 
 
-def _triton_for(t: Tensor):
-    return triton_kernels() if t.is_cuda and use_native() else None
-
-
 # ---- forward ----------------------------------------------------------------------------------
 
 
@@ -66,7 +62,7 @@ def _fwd(
         q, x_scale = act_quant_int8(x)
         inv = x.new_empty(_EMPTY, dtype=torch.float32)
     codes, w_scale = ternary_quant(weight)
-    tk = _triton_for(x)
+    tk = triton_for(x)
     if tk is not None:
         y = tk.bitlinear.forward(q, codes, x_scale, w_scale, torch.float32)
     else:
@@ -105,7 +101,7 @@ def _bwd(
     """``(dx [N, K] in x_dtype, dW [M, K] in weight_dtype or [0], d norm_weight float32 [K] or [0])``;
     ``x`` (the forward input) is needed, and passed, only with a ``norm_weight``."""
     has_norm = norm_weight is not None
-    tk = _triton_for(dy)
+    tk = triton_for(dy)
 
     def empty() -> Tensor:  # a fresh one per output: a custom op's outputs may not alias each other
         return dy.new_empty(_EMPTY, dtype=torch.float32)
@@ -183,7 +179,7 @@ def _check_glu(gate: Tensor, up: Tensor) -> None:
 @torch.library.custom_op("wrinklefree::relu2_glu", mutates_args=())
 def _relu2_glu(gate: Tensor, up: Tensor) -> Tensor:
     _check_glu(gate, up)
-    tk = _triton_for(gate)
+    tk = triton_for(gate)
     if tk is not None:
         return tk.glu.relu2_glu(gate, up)
     return reference.relu2_glu(gate, up)
@@ -197,7 +193,7 @@ def _(gate, up):
 
 @torch.library.custom_op("wrinklefree::relu2_glu_bwd", mutates_args=())
 def _relu2_glu_bwd(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    tk = _triton_for(gate)
+    tk = triton_for(gate)
     if tk is not None:
         return tk.glu.relu2_glu_backward(dh, gate, up)
     return reference.relu2_glu_backward(dh, gate, up)
