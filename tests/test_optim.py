@@ -557,3 +557,30 @@ def test_muon_fsdp2_two_processes_match_single_process(tmp_path):
             else:
                 moved = (expected - start[name]).norm()
                 assert (result[name] - expected).norm() < 0.1 * moved, name
+
+
+def test_adamw8bit_runs_on_cpu_with_8bit_moments_and_tracks_adamw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 1))
+    twin = copy.deepcopy(model)
+    cfg = {"lr": 3e-3, "weight_decay": 0.1}
+    opt8 = build_optimizer(model, {"type": "adamw8bit", **cfg})
+    opt32 = build_optimizer(twin, {"type": "adamw", **cfg})
+    x = torch.randn(128, 64)
+    y = x[:, :1] - 0.5 * x[:, 1:2]
+    losses = []
+    for _ in range(60):
+        for m, opt in ((model, opt8), (twin, opt32)):
+            loss = (m(x) - y).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    first = model[0].weight
+    assert opt8.state[first]["state1"].dtype == torch.uint8  # 64 x 96 >= 4096 values: 8-bit moments
+    assert opt8.state[first]["state2"].dtype == torch.uint8
+    assert losses[-1] < 0.1 * losses[0]  # the fp32 AdamW twin's curve, trained alongside
+    final8 = (model(x) - y).square().mean().item()
+    assert final8 < 0.1 * losses[0] and abs(final8 - losses[-1]) < 0.5 * losses[-1] + 1e-3
+    w8, w32 = model[0].weight.detach(), twin[0].weight.detach()
+    assert (w8 - w32).norm() < 0.1 * w32.norm()  # the same steps, up to the moments' quantization

@@ -129,8 +129,10 @@ def test_unified_run_logs_metrics_saves_and_lowers_the_loss(tmp_path):
     assert summary["run_name"].startswith("tiny-unified-adamw-lr0.003-b4-")
 
 
-def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
-    common = ["training.max_steps=8", "training.save_every=4", "training.eval_every=0", "experiment=resume-test"]
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, optimizer):
+    common = ["training.max_steps=8", "training.save_every=4", "training.eval_every=0", "experiment=resume-test",
+              f"training.optimizer.type={optimizer}"]  # fmt: skip
     _, full = run(tmp_path / "a", *common)
     step4 = Path(full["checkpoint"]).parent / "step_4"
     _, resumed = run(tmp_path / "b", *common, f"training.resume.checkpoint_path={step4}")

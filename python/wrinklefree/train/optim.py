@@ -103,6 +103,16 @@ def split_params(model: nn.Module, muon: bool = False) -> dict[str, list[tuple[s
     return groups
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"0.50.2"`` -> ``(0, 50, 2)``; stops at the first part that is not a number (``"1.0.dev1"`` -> ``(1, 0)``)."""
+    parts = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
 def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg["type"]`` over ``model``'s trainable parameters.
 
@@ -114,7 +124,8 @@ def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     kinds of groups; or "original": sqrt(max(1, rows/cols)); or "none"), ``muon_lr`` (defaults to ``lr``).
 
     - adamw: ``torch.optim.AdamW``, groups "decay" and "no_decay" (see :func:`split_params`).
-    - adamw8bit: ``bitsandbytes.optim.AdamW8bit`` on the same groups; needs bitsandbytes and CUDA.
+    - adamw8bit: ``bitsandbytes.optim.AdamW8bit`` on the same groups (block-wise 8-bit moments for tensors of
+      4096 values and more); needs bitsandbytes, on CUDA, or on CPU from bitsandbytes 0.50 (its CPU backend).
     - muon: one :class:`MuonAdamW`: Muon on the hidden matrices, AdamW on the rest.
     """
     _check_keys("optimizer", cfg, OPTIMIZER_KEYS, "type", OPTIMIZER_TYPES)
@@ -149,11 +160,17 @@ def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
             import bitsandbytes
         except ImportError as err:
             raise ImportError(
-                "optimizer type 'adamw8bit' needs bitsandbytes (`pip install bitsandbytes`) and a CUDA device; "
-                "use type 'adamw' without them"
+                "optimizer type 'adamw8bit' needs bitsandbytes (`pip install bitsandbytes`); use type 'adamw' "
+                "without it"
             ) from err
-        if any(p.device.type != "cuda" for p in params):
-            raise ValueError("optimizer type 'adamw8bit' needs the model on a CUDA device; use type 'adamw' on CPU")
+        devices = {p.device.type for p in params}
+        if not devices <= {"cuda", "cpu"}:
+            raise ValueError(f"optimizer type 'adamw8bit' runs on CUDA or CPU, not {sorted(devices - {'cuda', 'cpu'})}")
+        if "cpu" in devices and _version_tuple(bitsandbytes.__version__) < (0, 50):
+            raise ValueError(
+                f"optimizer type 'adamw8bit' on CPU needs bitsandbytes >= 0.50 (its CPU backend), found "
+                f"{bitsandbytes.__version__}; upgrade it or use type 'adamw'"
+            )
         return bitsandbytes.optim.AdamW8bit(adamw_groups, lr=lr, betas=betas, eps=eps)
 
     lr_adjust = cfg.get("muon_lr_adjust", "match_rms_adamw")
