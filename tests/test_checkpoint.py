@@ -27,6 +27,7 @@ from wrinklefree.train.checkpoint import (  # noqa: E402
     filesystem,
     load_weights,
     parse_hub,
+    read_trainer_state,
     stage_dir,
 )
 from wrinklefree.train.trainer import Trainer  # noqa: E402
@@ -642,3 +643,42 @@ def test_two_rank_fsdp_run_starts_from_a_remote_stage1_checkpoint(tmp_path):
     assert (stage2_final / COMPLETE_MARKER).is_file() and (stage2_final / "trainer_rank1.pt").is_file()
     a, b = _tensors(stage1_final, tmp_path), _tensors(stage2_final, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the sharded load took every weight
+
+
+def _data_position(out: Path, *overrides: str) -> dict:
+    """Run fp_pretrain with ``overrides`` for experiment ``d``; returns its final checkpoint's data position."""
+    t = trainer(out, "training=fp_pretrain", "experiment=d", "training.eval_every=0", *overrides)
+    try:
+        summary = t.fit()
+    finally:
+        t.close()
+    return read_trainer_state(summary["checkpoint"])["data"]
+
+
+def test_data_from_continues_where_another_run_stopped(tmp_path, capsys):
+    whole = _data_position(tmp_path / "whole", "training.max_steps=5")
+    first = _data_position(tmp_path / "a", "training.max_steps=3")
+    final = tmp_path / "a/checkpoints/d/fp_pretrain_checkpoint/checkpoints/final"
+    # 3 steps, then 2 more from where they stopped: where 5 steps in one run end
+    rest = _data_position(tmp_path / "b", "training.max_steps=2", f"training.data_from={final}")
+    assert first["step"] == 3 and rest == whole
+    assert f"data: continuing after {final} (its run read 3 batches)" in capsys.readouterr().err
+    # without it, a fresh run starts at the beginning
+    assert _data_position(tmp_path / "c", "training.max_steps=3") == first
+
+
+def test_data_from_init_follows_the_weights_and_bad_paths_are_named(tmp_path, capsys):
+    stage1(tmp_path, "training.max_steps=2")
+    t = trainer(tmp_path, "training=stage2_pretrain", "experiment=chain", "seed=1", "training.data_from=init")
+    try:
+        assert t.train_loader.step == 2  # stage 1's final checkpoint: its weights and its data position
+    finally:
+        t.close()
+    # another seed shuffles the data otherwise: the position does not apply, and the error says why
+    with pytest.raises(ValueError, match="does not fit this data config: .*seed is 42 here, 1 in the state"):
+        trainer(tmp_path, "training=stage2_pretrain", "experiment=chain", "training.data_from=init")
+    t = trainer(tmp_path, "training=stage2_pretrain", "experiment=none", "training.data_from=init")
+    t.close()
+    assert "data_from=init: the weights come from no checkpoint" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="training.data_from: no complete checkpoint at"):
+        trainer(tmp_path, "training=fp_pretrain", f"training.data_from={tmp_path / 'nowhere'}")

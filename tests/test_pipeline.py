@@ -11,7 +11,7 @@ from test_train import cli, metrics
 
 from wrinklefree.inference import Engine
 from wrinklefree.pipeline import Pipeline, stage_config
-from wrinklefree.train.checkpoint import rebuild_model
+from wrinklefree.train.checkpoint import read_trainer_state, rebuild_model
 from wrinklefree.train.trainer import Trainer
 
 # a model whose projections pack to I2_S (widths multiples of 128), trained on a little of the built-in corpus
@@ -139,12 +139,13 @@ def test_pipeline_settings_with_unknown_keys_are_errors(tmp_path):
 
 def test_pipeline_runs_the_chain_reports_and_skips_what_exists(tmp_path, capsys):
     chain = {
-        "stage1_subln": {},
+        "stage1_subln": {"max_steps": 0},  # conversion only, as in the recipe
         "stage1_9_layerwise": {},
         "stage2_pretrain": {"quant_warmup": {"steps": 1}},
         "stage3_distill": {"objectives": {"attention_kd": {"relation_heads": 8}}},
         "lrc_calibration": {},
         "direct_ternary": {"max_steps": 6},
+        "fp_continue": {"max_steps": 6},
     }
     overrides = ["training=bitdistill_tiny", "experiment=chain", "training.eval.sequences=4"]
     cfg = compose_config(tmp_path, *overrides, name="pipeline")
@@ -157,6 +158,16 @@ def test_pipeline_runs_the_chain_reports_and_skips_what_exists(tmp_path, capsys)
     assert all(r.status == "ran" for r in rows.values())
     assert (tmp_path / "checkpoints" / "chain" / "teacher" / "config.json").is_file()
     assert rows["stage3_distill"].steps == 2 and rows["direct_ternary"].steps == 6
+    # the data: each stage continues where the run it starts from stopped, the first ones after the teacher,
+    # so the three paths from the teacher (1.9 + 2 + 3, CE only, full precision) read the same 6 batches
+    data = {name: read_trainer_state(rows[name].path)["data"] for name in chain if name != "lrc_calibration"}
+    teacher_data = read_trainer_state(tmp_path / "checkpoints" / "chain" / "fp_pretrain_checkpoint" /
+                                      "checkpoints" / "final")["data"]  # fmt: skip
+    assert teacher_data["step"] == 3 and data["stage1_subln"] == teacher_data
+    assert data["stage1_9_layerwise"]["step"] == 5 and data["stage2_pretrain"]["step"] == 7
+    for name in ("stage3_distill", "direct_ternary", "fp_continue"):
+        assert data[name]["step"] == 9 and data[name]["streams"] == data["stage3_distill"]["streams"], name
+    assert data["stage3_distill"]["streams"] != teacher_data["streams"]
     assert rows["gguf"].path.endswith("stage3_distill.gguf")
     assert Engine(rows["gguf"].path).arch == "bitnet-b1.58"  # outtype auto: i2_s for the relu2 model
     for r in rows.values():
@@ -167,6 +178,7 @@ def test_pipeline_runs_the_chain_reports_and_skips_what_exists(tmp_path, capsys)
     assert [r["name"] for r in report["rows"]] == list(rows)
     out = capsys.readouterr().out
     assert "(d) BitDistill [stage3_distill]" in out and "(c) direct ternary training" in out
+    assert "(a') teacher trained on in full precision" in out
 
     # a second run trains nothing: every stage's output is there; the recorded figures are reported again
     stamp = (Path(rows["stage2_pretrain"].path) / ".metadata").stat().st_mtime_ns

@@ -7,7 +7,9 @@ quality table on 2 CPU cores) one after the other in this process:
    ``training=fp_pretrain`` and saved as a transformers directory, which every stage then starts from;
 2. each stage of ``training.stages`` in order, a run of its own recipe (``configs/training/<stage>.yaml``) with
    ``training.common`` and the stage's settings merged in, starting from the previous stage's final checkpoint
-   (``experiment`` names the chain; DESIGN.md section 5). A stage whose final checkpoint exists is skipped;
+   (``experiment`` names the chain; DESIGN.md section 5) and reading the data after that run's
+   (``training.data_from``): a student never re-reads its teacher's text. A stage whose final checkpoint
+   exists is skipped;
 3. the GGUF export of ``training.export.stage``;
 4. the held-out perplexity of the teacher, of every stage's model (fully quantized) and of the GGUF file run by
    the CPU engine, with each stage's time and final loss: printed as a table and written to
@@ -37,11 +39,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from wrinklefree.atomic import atomic_dir, atomic_path
 from wrinklefree.train.checkpoint import CheckpointManager, stage_dir
+from wrinklefree.train.discovery import PREVIOUS_STAGES
 from wrinklefree.train.trainer import build_tokenizer
 
 TEACHER_STAGE = "fp_pretrain"
 LABELS = {  # the rows of the quality table (the BitDistill issue), by where each model comes from
     "teacher": "(a) teacher, full precision",
+    "fp_continue": "(a') teacher trained on in full precision, same budget as (c)",
     "stage1_subln": "(b) teacher ternarized, no training",
     "direct_ternary": "(c) direct ternary training, CE only",
     "stage3_distill": "(d) BitDistill",
@@ -154,6 +158,7 @@ class Pipeline:
         self.run_dir = Path(cfg.output_dir) / "runs" / self.experiment
         self.rows: list[Row] = []
         self._tokenizer = None  # every model's: the teacher's, or data.tokenizer
+        self._teacher_run: Path | None = None  # the teacher's final trainer checkpoint, when this pipeline trained it
 
     # ---- stages ----------------------------------------------------------------------------------
 
@@ -195,6 +200,15 @@ class Pipeline:
         _log(f"{name}: done in {summary['seconds']:.0f} s")
         return self._row(name, "ran", summary, summary["checkpoint"])
 
+    def _data_from(self, stage: str) -> str | None:
+        """Where ``stage``'s data starts: after the run its weights come from. A stage that follows another
+        continues that one's data (``init``); a stage that starts from the teacher reads what the teacher's
+        training did not reach, when this pipeline trained it. So no student trains on the teacher's text,
+        and every path from the teacher (stages 1.9 + 2 + 3, the CE-only baseline) reads the same tokens."""
+        if PREVIOUS_STAGES.get(stage):
+            return "init"
+        return str(self._teacher_run) if self._teacher_run is not None else None
+
     def teacher(self) -> str:
         """The teacher's hub id or directory, training and saving one first when none is configured."""
         given = self.pcfg.get("teacher") or self.cfg.model.pretrained
@@ -204,10 +218,12 @@ class Pipeline:
         out_dir = self.root / "teacher"
         if (out_dir / "config.json").is_file():
             _log(f"teacher: skipped, {out_dir} exists")
+            self._teacher_run = self._final(TEACHER_STAGE)
             self.rows.append(self._row("teacher", "skipped", self._recorded(TEACHER_STAGE), str(out_dir)))
             return str(out_dir)
         cfg = stage_config(self._base(), TEACHER_STAGE, self.pcfg.common, self.pcfg.teacher_training)
         row = self._run("teacher", cfg)
+        self._teacher_run = Path(row.path)
         save_teacher(Path(row.path), out_dir)
         _log(f"teacher: saved as a transformers directory, {out_dir}")
         row.path = str(out_dir)
@@ -222,7 +238,8 @@ class Pipeline:
         base.model.pretrained = self.cfg.model.pretrained or teacher  # the students start from the teacher
         self._tokenizer = build_tokenizer(base)
         for stage, settings in self.pcfg.stages.items():
-            cfg = stage_config(base, stage, self.pcfg.common, settings, {"teacher": teacher})
+            data = {"data_from": self._data_from(stage)}  # before the user's settings, which may change it
+            cfg = stage_config(base, stage, data, self.pcfg.common, settings, {"teacher": teacher})
             self.rows.append(self._run(stage, cfg))
         self.export()
         self.evaluate()

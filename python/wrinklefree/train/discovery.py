@@ -9,6 +9,7 @@ The previous stages (:data:`PREVIOUS_STAGES`; the first one found wins)::
     stage3_distill      stage2_pretrain
     lrc_calibration     stage3_distill, stage2_pretrain      the final ternary model; adds lrc_u / lrc_v
     direct_ternary      stage1_subln                         the CE-only baseline of the quality table
+    fp_continue         -                                    the configured model trained on, unconverted
     unified             -                                    a recipe of its own, from the model config
     fp_pretrain         -                                    the full-precision baseline
 
@@ -64,6 +65,7 @@ PREVIOUS_STAGES: dict[str, tuple[str, ...]] = {
     "stage3_distill": ("stage2_pretrain",),
     "lrc_calibration": ("stage3_distill", "stage2_pretrain"),
     "direct_ternary": ("stage1_subln",),
+    "fp_continue": (),
     "unified": (),
     "fp_pretrain": (),
 }

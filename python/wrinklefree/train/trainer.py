@@ -21,7 +21,7 @@ from wrinklefree.models import convert
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.objectives import CrossEntropy, DiffusionLM, Distillation, ObjectiveManager
 from wrinklefree.train import distributed
-from wrinklefree.train.checkpoint import TOKENIZER_DIR, CheckpointManager, stage_dir
+from wrinklefree.train.checkpoint import TOKENIZER_DIR, CheckpointManager, read_trainer_state, stage_dir
 from wrinklefree.train.metrics import MetricsLogger, run_name
 from wrinklefree.train.optim import ZClip, build_lr_scheduler, build_optimizer
 
@@ -214,6 +214,14 @@ class Trainer:
         self._setup_checkpoints()
         # ---- end of checkpoint discovery ----
         self._maybe_resume()
+        data_from = tcfg.get("data_from")
+        if self.step == 0 and data_from:
+            if str(data_from) != "init":
+                self._continue_data(str(data_from))
+            elif self._init_source is not None:
+                self._continue_data(self._init_source)
+            else:
+                self._print("training.data_from=init: the weights come from no checkpoint; the data starts at 0")
         # a fresh run only: the probe draws from the RNG (DLM masks), which a resumed run must not. Not under
         # FSDP2, where backward passes of single objectives outside the step crashed the CPU (gloo) ranks.
         self._probe_pending = (
@@ -310,7 +318,9 @@ class Trainer:
         """
         from wrinklefree.train.discovery import setup_checkpoints
 
-        setup_checkpoints(self.cfg, self.checkpoints, self.raw_model, self.run_name, log=self._print)
+        self._init_source = setup_checkpoints(
+            self.cfg, self.checkpoints, self.raw_model, self.run_name, log=self._print
+        )
 
     def _maybe_resume(self) -> None:
         rcfg = self.cfg.training.resume
@@ -339,6 +349,20 @@ class Trainer:
         if self.zclip is not None and state.get("zclip"):
             self.zclip.load_state_dict(state["zclip"])
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _continue_data(self, path: str) -> None:
+        """Start the training data where the checkpoint ``path``'s run stopped (``training.data_from``)."""
+        try:
+            state = read_trainer_state(path).get("data")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"training.data_from: no complete checkpoint at {path} ({e})") from e
+        if state is None:
+            raise ValueError(f"training.data_from: the checkpoint {path} holds no data position")
+        try:
+            self.train_loader.load_state_dict(state)
+        except ValueError as e:
+            raise ValueError(f"training.data_from={path}: its data position does not fit this data config: {e}") from e
+        self._print(f"data: continuing after {path} (its run read {state['step']} batches)")
 
     # ---- the loop ---------------------------------------------------------------------------
 
