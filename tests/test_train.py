@@ -90,6 +90,7 @@ def test_default_config_composes_with_the_embedded_recipe():
         "training=stage1_9_layerwise",
         "training=lrc_calibration",
         "training=direct_ternary",
+        "training=fp_continue",
         "data=fineweb",
         "data=mixed_pretrain",
         "distributed=fsdp_multi",
