@@ -740,9 +740,9 @@ def run_case(case: Case, s: Settings, int8_peak: float) -> list[dict]:
     timings: dict[str, Timing] = {}
     settings = replace(s, min_reps=case.min_reps) if case.min_reps else s
     probes: list[float] = []
+    probe = probe_hbm_bandwidth if case.device == "cuda" else probe_bandwidth
     for name in order:
         ours = case.memory_bound and name.startswith("wrinklefree")
-        probe = probe_hbm_bandwidth if case.device == "cuda" else probe_bandwidth
         if ours:
             probes.append(probe(s))
         timings[name] = time_provider(case.providers[name], settings, case.device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from test_train import cli, metrics
+from test_train import metrics, one_and_two_ranks
 
 from wrinklefree.inference import Engine
 from wrinklefree.pipeline import Pipeline, stage_config
@@ -207,12 +207,7 @@ def test_stage3_on_two_cpu_ranks_matches_one_rank(tmp_path, teacher_dir, strateg
         "training.logging.wandb.enabled=false",
         "experiment=s3",
     ]
-    one = cli(tmp_path / "one", *common, "training.batch_size=4", "training.grad_accum=1")
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = cli(tmp_path / "two", *common, "training.batch_size=1", "training.grad_accum=2", f"distributed={strategy}",
-              nproc=2)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-
+    one_and_two_ranks(tmp_path, common, strategy)
     a, b = (metrics(tmp_path / run / "runs" / "s3" / "stage3_distill") for run in ("one", "two"))
     assert [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):

@@ -70,6 +70,18 @@ def cli(out: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+def one_and_two_ranks(tmp_path: Path, common: list[str], strategy: str) -> list[str]:
+    """The same run on one rank taking 4 sequences a step (in ``tmp_path/one``) and on two ranks taking 1
+    each in each of 2 accumulated micro-batches (``tmp_path/two``), both finished; returns the 2-rank run's
+    overrides (for resuming it)."""
+    one = cli(tmp_path / "one", *common, "training.batch_size=4", "training.grad_accum=1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_ranks = [*common, "training.batch_size=1", "training.grad_accum=2", f"distributed={strategy}"]
+    two = cli(tmp_path / "two", *two_ranks, nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return two_ranks
+
+
 def test_default_config_composes_with_the_embedded_recipe():
     with initialize_config_module("wrinklefree.configs", version_base="1.3"):
         cfg = compose("config")
@@ -223,11 +235,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, strategy):
         "training.curriculum=[]",
         "experiment=ranks",
     ]
-    one = cli(tmp_path / "one", *common, "training.batch_size=4", "training.grad_accum=1")
-    assert one.returncode == 0, one.stderr[-3000:]
-    two_ranks = [*common, "training.batch_size=1", "training.grad_accum=2", f"distributed={strategy}"]
-    two = cli(tmp_path / "two", *two_ranks, nproc=2)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two_ranks = one_and_two_ranks(tmp_path, common, strategy)
     a = metrics(tmp_path / "one" / "runs" / "ranks" / "unified")
     b = metrics(tmp_path / "two" / "runs" / "ranks" / "unified")
     assert [r["step"] for r in b] == [1, 2, 3, 4]

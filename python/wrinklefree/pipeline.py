@@ -37,7 +37,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from wrinklefree.atomic import atomic_dir, atomic_path
+from wrinklefree.atomic import atomic_dir, atomic_write_text
 from wrinklefree.train.checkpoint import CheckpointManager, stage_dir
 from wrinklefree.train.discovery import PREVIOUS_STAGES
 from wrinklefree.train.trainer import build_tokenizer
@@ -326,10 +326,8 @@ class Pipeline:
             "rows": [asdict(r) for r in self.rows],
         }
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.run_dir / "pipeline.json") as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-        with atomic_path(self.run_dir / "pipeline.md") as tmp:
-            tmp.write_text(table + "\n")
+        atomic_write_text(self.run_dir / "pipeline.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "pipeline.md", table + "\n")
         head = f"Pipeline {self.experiment} ({self.pcfg.stage}) in {total_seconds / 60:.1f} min"
         print(f"\n{head}:\n\n{table}\n", flush=True)
         print(f"  report: {self.run_dir}/pipeline.json, pipeline.md", flush=True)

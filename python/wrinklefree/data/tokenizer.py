@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wrinklefree.atomic import atomic_path
+from wrinklefree.atomic import atomic_write_text
 from wrinklefree.data.cache import cache_root, short_hash
 from wrinklefree.data.corpus import builtin_corpus, corpus_key
 
@@ -103,8 +103,7 @@ def _builtin_bpe(vocab_size: int, corpus: Callable[[], list[str]] | None, cache_
         print(f"training tokenizer (vocab {vocab_size}) on {mb:.1f} MB ...", end=" ", flush=True)
         t0 = time.perf_counter()
         tok = train_bpe(sample, vocab_size)
-        with atomic_path(path) as tmp:
-            tmp.write_text(tok.to_str())
+        atomic_write_text(path, tok.to_str())
         print(f"done in {time.perf_counter() - t0:.1f} s -> {path}", flush=True)
     return PreTrainedTokenizerFast(
         tokenizer_file=str(path),

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wrinklefree.objectives.lm import logits_of, next_token_ce
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -75,10 +77,7 @@ def model_perplexity(model: nn.Module, sequences: Sequence[Tensor], batch_size: 
     total, count = 0.0, 0
     for i in range(0, len(sequences), batch_size):
         ids = torch.stack(list(sequences[i : i + batch_size])).to(device)
-        out = model(input_ids=ids)
-        logits = (out.logits if hasattr(out, "logits") else out)[:, :-1]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-        total += nll.item()
+        total += next_token_ce(logits_of(model(input_ids=ids)), ids, reduction="sum").item()
         count += ids[:, 1:].numel()
     return Perplexity(total / count, count)
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wrinklefree.atomic import atomic_path
+from wrinklefree.atomic import atomic_path, atomic_write_text
 from wrinklefree.models.convert import convert, model_type
 from wrinklefree.nn import BitLinear, BitLinearLRC, QuantSchedule, bitlinear_modules
 
@@ -196,8 +196,7 @@ def save_bitnet(model: nn.Module, path: str | os.PathLike, *, packed: bool = Tru
     path.mkdir(parents=True, exist_ok=True)
     with atomic_path(path / "model.safetensors") as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_path(path / "config.json") as tmp:
-        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     return path
 
 

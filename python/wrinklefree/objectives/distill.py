@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wrinklefree.objectives.lm import logits_of, next_token_ce
+
 HIDDEN_LOSSES = ("mse", "nmse", "cosine")
 _PROJECTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([qkv])_proj$")
 
@@ -37,6 +39,15 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
         return values.mean()
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _paired(where: str, student: Sequence[Tensor], teacher: Sequence[Tensor], what: str, need: str):
+    """``zip(student, teacher)``, after checking that both hold the same number (at least one) of ``what``."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(
+            f"{where}: the student has {len(student)} {what} and the teacher {len(teacher)}; {need} (at least one)"
+        )
+    return zip(student, teacher, strict=True)
 
 
 def logits_kd_loss(
@@ -94,13 +105,9 @@ def attention_relation_loss(
     The student's and the teacher's widths may differ (each is split into the same number of heads);
     batch and sequence must agree.
     """
-    if len(student_states) != len(teacher_states) or not student_states:
-        raise ValueError(
-            f"attention_relation_loss: expected as many student states as teacher states (at least one), got "
-            f"{len(student_states)} and {len(teacher_states)}"
-        )
     rows = []
-    for s_state, t_state in zip(student_states, teacher_states, strict=True):
+    pairs = _paired("attention_relation_loss", student_states, teacher_states, "states", "one per Q, K, V projection")
+    for s_state, t_state in pairs:
         if s_state.shape[:2] != t_state.shape[:2]:
             raise ValueError(
                 f"attention_relation_loss: student {list(s_state.shape)} and teacher {list(t_state.shape)} states "
@@ -127,13 +134,9 @@ def hidden_state_loss(
     """
     if kind not in HIDDEN_LOSSES:
         raise ValueError(f"hidden_state_loss: kind must be one of {HIDDEN_LOSSES}, got {kind!r}")
-    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
-        raise ValueError(
-            f"hidden_state_loss: the student has {len(student_hidden)} hidden states and the teacher "
-            f"{len(teacher_hidden)}; layer-wise distillation needs the same number of layers (at least one)"
-        )
     layers = []
-    for h_s, h_t in zip(student_hidden, teacher_hidden, strict=True):
+    need = "layer-wise distillation needs the same number of layers"
+    for h_s, h_t in _paired("hidden_state_loss", student_hidden, teacher_hidden, "hidden states", need):
         if h_s.shape != h_t.shape:
             raise ValueError(
                 f"hidden_state_loss: student {list(h_s.shape)} and teacher {list(h_t.shape)} hidden states differ"
@@ -223,7 +226,7 @@ def _run(model: nn.Module, ids: Tensor, capture: ProjectionCapture | None, hidde
     finally:
         if capture is not None:
             capture.active = False
-    logits = out.logits if hasattr(out, "logits") else out
+    logits = logits_of(out)
     # hidden_states: the embeddings' output, then each decoder layer's: the layers' outputs are distilled
     states = out.hidden_states[1:] if hidden else None
     return _Outputs(logits, states, capture.take() if capture is not None else None)
@@ -300,13 +303,7 @@ class Distillation(nn.Module):
 
         parts: dict[str, Tensor] = {}
         if "ce" in active:
-            labels = ids[:, 1:]
-            if mask is not None:
-                labels = labels.masked_fill(~mask[:, 1:], self.ignore_index)
-            logits = student.logits[:, :-1]
-            parts["ce"] = F.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=self.ignore_index
-            )
+            parts["ce"] = next_token_ce(student.logits, ids, mask=mask, ignore_index=self.ignore_index)
         if "logits_kd" in active:
             v = min(student.logits.shape[-1], teacher.logits.shape[-1])
             parts["logits_kd"] = logits_kd_loss(

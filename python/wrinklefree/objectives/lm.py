@@ -13,9 +13,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def logits_of(output) -> Tensor:
+    """The logits of a causal LM's output: a transformers output's ``.logits``, or the tensor itself."""
+    return output.logits if hasattr(output, "logits") else output
+
+
 def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
-    out = model(input_ids=input_ids)
-    return out.logits if hasattr(out, "logits") else out
+    return logits_of(model(input_ids=input_ids))
+
+
+def next_token_ce(
+    logits: Tensor,
+    ids: Tensor,
+    *,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of token i given the logits at position i - 1 (the causal shift), in float32.
+
+    Args:
+        logits: ``[B, S, V]``; ids: ``[B, S]``.
+        mask: ``[B, S]`` bool, True for the tokens counted as targets; None counts every one.
+        ignore_index: target id skipped (besides the tokens ``mask`` leaves out).
+        reduction: ``mean`` over the counted targets, or ``sum``.
+    """
+    labels = ids[:, 1:]
+    if mask is not None:
+        labels = labels.masked_fill(~mask[:, 1:].bool(), ignore_index)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction=reduction
+    )
 
 
 class CrossEntropy(nn.Module):
@@ -29,8 +57,7 @@ class CrossEntropy(nn.Module):
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         ids = batch["input_ids"]
-        logits = _logits(model, ids)[:, :-1]
-        return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), ignore_index=self.ignore_index)
+        return next_token_ce(_logits(model, ids), ids, ignore_index=self.ignore_index)
 
 
 class DiffusionLM(nn.Module):

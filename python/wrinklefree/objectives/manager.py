@@ -7,6 +7,11 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 
+def _loss_names(key: str, module: nn.Module) -> Sequence[str]:
+    """The losses an objective module gives: its ``losses``, or the one named by its key."""
+    return getattr(module, "losses", (key,))
+
+
 class ObjectiveManager(nn.Module):
     """``loss = sum_i w_i(step) * L_i(model, batch)``, skipping losses whose weight is 0.
 
@@ -35,7 +40,7 @@ class ObjectiveManager(nn.Module):
         self.objectives = nn.ModuleDict(objectives)
         self.owner: dict[str, str] = {}  # loss name -> key of the objective that computes it
         for key, module in objectives.items():
-            for name in getattr(module, "losses", (key,)):
+            for name in _loss_names(key, module):
                 if name in self.owner:
                     raise ValueError(f"ObjectiveManager: the loss {name!r} is given by two objectives")
                 self.owner[name] = key
@@ -69,7 +74,7 @@ class ObjectiveManager(nn.Module):
         """The unweighted losses ``names``, each objective module called once."""
         out: dict[str, Tensor] = {}
         for key, module in self.objectives.items():
-            active = [name for name in getattr(module, "losses", (key,)) if name in names]
+            active = [name for name in _loss_names(key, module) if name in names]
             if not active:
                 continue
             if hasattr(module, "losses"):

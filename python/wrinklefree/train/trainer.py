@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wrinklefree.atomic import atomic_path
+from wrinklefree.atomic import atomic_write_text
 from wrinklefree.models import convert
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.objectives import CrossEntropy, DiffusionLM, Distillation, ObjectiveManager
@@ -574,8 +574,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
         if self.ctx.is_main:
-            with atomic_path(self.run_dir / "summary.json") as tmp:
-                tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self._print_summary(summary)
         return summary
 
