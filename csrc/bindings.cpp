@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
+
 #include "cpu/engine.h"
 #include "cpu/formats.h"
 #include "cpu/isa.h"
@@ -84,6 +86,24 @@ PYBIND11_MODULE(_C, m) {
                        ptr<float>(out));
       },
       release());
+  m.def(
+      "time_i2s_matmul",
+      [](uintptr_t q, uintptr_t xs, int64_t N, int64_t K, const std::vector<uintptr_t>& packed, int64_t nbytes,
+         int64_t M, uintptr_t out, int64_t reps) {
+        if (packed.empty()) wf::fail("packed must hold at least one buffer");
+        std::vector<double> seconds(size_t(std::max<int64_t>(reps, 0)));
+        for (size_t r = 0; r < seconds.size(); ++r) {
+          const auto start = std::chrono::steady_clock::now();
+          wf::i2s_matmul(ptr<const int8_t>(q), ptr<const float>(xs), N, K, ptr<const uint8_t>(packed[r % packed.size()]),
+                         nbytes, M, ptr<float>(out));
+          seconds[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        }
+        return seconds;
+      },
+      release(),
+      "Runs i2s_matmul reps times, call r on packed[r % len(packed)] (copies of one weight, so that each "
+      "call streams from memory), and returns each call's seconds: the kernel's time as the inference "
+      "engine calls it, with no Python between calls (for bench/run.py).");
   m.def(
       "bitlinear_infer",
       [](uintptr_t x, int dt, int64_t N, int64_t K, uintptr_t packed, int64_t nbytes, int64_t M, uintptr_t out) {

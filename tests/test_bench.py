@@ -76,3 +76,22 @@ def test_gpu_flag_needs_a_gpu(bench):
         pytest.skip("this machine has a GPU: the flag runs")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench.main(["--gpu", "--quick"])
+
+
+def test_core_matmul_timer_runs_the_kernel_on_each_copy(bench, small, monkeypatch):
+    # the C++-timed provider: one time per call, and the rotated copies all give the op's product
+    monkeypatch.setattr(bench, "probe_bandwidth", lambda s: 1e10)
+    case = next(c for c in bench.REGISTRY["i2s_matmul"](small) if c.shape["N"] == 3)
+    core = case.providers["wrinklefree_core"]
+    sets, _ = bench.rotated_args(core)
+    assert len(sets) > 1
+    q, x_scale, packed, m, out = core.args
+    times = bench.core_i2s_matmul_timer(sets, 5)
+    assert len(times) == 5 and all(t > 0 for t in times)
+    want = bench.ops.i2s_matmul(q, x_scale, packed, m)
+    assert torch.equal(out, want)
+    out.zero_()
+    bench.core_i2s_matmul_timer(sets[1:2], 1)
+    assert torch.equal(out, want)
+    rows = bench.run_case(case, small, int8_peak=1e12)
+    assert next(r for r in rows if r["provider"] == "wrinklefree_core")["median_ms"] > 0

@@ -58,7 +58,7 @@ def test_pairwise_sum_hand_worked():
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 1000, 1024, 1025, 4096 + 3, 70 * 1024 + 9])
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 65, 1000, 1024, 1025, 2560, 4096 + 3, 70 * 1024 + 9])
 @pytest.mark.parametrize("squares", [False, True])
 def test_pairwise_sum_kernel_matches_reference(isa, dtype, n, squares):
     # a wide range of magnitudes, so that a different order of additions would show in the bits

@@ -76,18 +76,28 @@ double chunk_sum_t(const void* x, int64_t n, bool squares) {
   while (p < n) p <<= 1;
   __m512d pending[8];  // pending[j]: a vector of 8 subtrees of 8 << j values, awaiting its neighbour
   unsigned have = 0;
-  for (int64_t i = 0; i < p; i += 64) {
+  // Pushes s, a vector of 8 subtrees of 8 << j values, onto the counter at level j.
+  auto push = [&](__m512d s, int j) {
+    for (; have >> j & 1u; ++j) s = pair_sums(pending[j], s);
+    have &= ~((1u << j) - 1u);
+    pending[j] = s;
+    have |= 1u << j;
+  };
+  int64_t i = 0;
+  for (; i < n; i += 64) {
     __m512d v[8], l1[4];
     load_phases<D>(x, i, n, v);
     for (int k = 0; k < 4; ++k)
       l1[k] = squares ? _mm512_fmadd_pd(v[2 * k + 1], v[2 * k + 1], _mm512_mul_pd(v[2 * k], v[2 * k]))
                       : _mm512_add_pd(_mm512_abs_pd(v[2 * k]), _mm512_abs_pd(v[2 * k + 1]));
-    __m512d s = _mm512_add_pd(_mm512_add_pd(l1[0], l1[1]), _mm512_add_pd(l1[2], l1[3]));
-    int j = 0;
-    for (; have >> j & 1u; ++j) s = pair_sums(pending[j], s);
-    have &= ~((1u << j) - 1u);
-    pending[j] = s;
-    have |= 1u << j;
+    push(_mm512_add_pd(_mm512_add_pd(l1[0], l1[1]), _mm512_add_pd(l1[2], l1[3])), 0);
+  }
+  // The padding past the last block is zeros at every level of the tree: it goes in as whole zero
+  // subtrees, the largest that fits at each step (K = 2560 pads to 4096: 24 blocks, 2 pushes).
+  for (int64_t blocks = i / 64; blocks < p / 64;) {
+    const int j = __builtin_ctzll(uint64_t(blocks));
+    push(_mm512_setzero_pd(), j);
+    blocks += int64_t(1) << j;
   }
   // p is a power of two, so one vector is left: 8 lanes, each the sum of p / 8 neighbours
   alignas(64) double lanes[8];
