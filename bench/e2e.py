@@ -81,9 +81,6 @@ DECODE_TOKENS = 64
 N_CTX = 256  # prompt + decoded tokens fit; llama.cpp's smallest context
 BW_PROBE_BYTES = 256 << 20  # as bench/run.py: 8x the L3, so it measures DRAM
 
-# Our engine repacks TQ2_0 / TQ1_0 to I2_S at load, so it streams I2_S whatever the file's format;
-# llama.cpp streams the file's format.
-STREAMED_FORMAT = {"wrinklefree": lambda fmt: "i2_s", "llama.cpp": lambda fmt: fmt}
 
 # DESIGN.md section 6: our engine against llama.cpp TQ2_0, same threads, same run.
 DECODE_VS_LLAMA_F16 = 1.5
@@ -218,6 +215,8 @@ class Ours:
         from wrinklefree.inference import Engine
 
         self.engine = Engine(path, n_ctx=N_CTX, threads=threads, head=head)
+        # TQ2_0 is repacked to I2_S at load, TQ1_0 too where the kernels have no fast TQ1_0 matmul
+        self.runs_format = self.engine.ternary_format
 
     def prefill(self, tokens: list[int]) -> int:
         self.engine.reset()
@@ -234,6 +233,7 @@ class LlamaCpp:
 
         if head != "f16":
             raise ValueError("llama.cpp runs the head as stored (f16)")
+        self.runs_format = None  # the file's
         self.llm = llama_cpp.Llama(
             model_path=path, n_ctx=N_CTX, n_batch=PROMPT_TOKENS, n_ubatch=PROMPT_TOKENS,
             n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
@@ -288,6 +288,7 @@ def worker(spec: dict) -> dict:
         # DECODE_TOKENS - 1 single-token evaluations
         "decode_runs_s": decode_s[1:],
         "tokens": tokens,
+        "runs_format": engine.runs_format,
         "rss_before_load_kb": rss_before,
         "rss_loaded_kb": rss_loaded,
         "vm_hwm_kb": proc_status_kb("VmHWM"),
@@ -361,7 +362,8 @@ def make_row(shape_name: str, provider: str, fmt: str, head: str, threads: int, 
     decode_runs = [t for r in runs for t in r["decode_runs_s"]]
     prefill = statistics.median(prefill_runs)
     decode = statistics.median(decode_runs) / (DECODE_TOKENS - 1)  # seconds per decoded token
-    streamed = ternary_bytes(shape, STREAMED_FORMAT[provider](fmt)) + head_bytes(shape, head)
+    runs_format = runs[0]["runs_format"] or fmt  # the format the engine streams its ternary weights in
+    streamed = ternary_bytes(shape, runs_format) + head_bytes(shape, head)
     file_bytes = path.stat().st_size
     kv = kv_bytes(shape, N_CTX)
     peak = max(runs, key=lambda r: r["vm_hwm_kb"] - r["rss_before_load_kb"])
@@ -386,6 +388,7 @@ def make_row(shape_name: str, provider: str, fmt: str, head: str, threads: int, 
         "warmup_decode_s": [r["warmup_decode_s"] for r in runs],
         "decode_tokens_per_s": 1 / decode,
         "tokens": runs[-1]["tokens"],
+        "runs_format": runs_format,
         "decode_bytes_per_token": streamed,
         "read_bw_gb_per_s": bw / 1e9,
         "read_bw_probes_gb_per_s": [b / 1e9 for b in probes],

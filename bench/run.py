@@ -189,13 +189,25 @@ def core_i2s_matmul(q: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor
     _C.i2s_matmul(q.data_ptr(), x_scale.data_ptr(), n, k, packed.data_ptr(), packed.numel(), m, out.data_ptr())
 
 
-def core_i2s_matmul_timer(arg_sets: list[tuple], reps: int) -> list[float]:
-    """core_i2s_matmul's calls timed in C++, back to back as the engine makes them: a Python call
-    costs about 1.5 us, 10% of a (2560, 640) decode matmul. Only the packed weight rotates."""
-    q, x_scale, packed, m, out = arg_sets[0]
+def core_matmul_timer(fmt: str) -> Callable[[list[tuple], int], list[float]]:
+    """The core matmul's calls on ``(q, x_scale, packed, m, out)`` timed in C++, back to back as the
+    engine makes them: a Python call costs about 1.5 us, 10% of a (2560, 640) decode matmul. Only the
+    packed weight rotates. TQ1_0's scale is 1: it only scales the output."""
+
+    def timer(arg_sets: list[tuple], reps: int) -> list[float]:
+        q, x_scale, packed, m, out = arg_sets[0]
+        n, k = q.shape
+        ptrs = [a[2].data_ptr() for a in arg_sets]
+        return _C.time_matmul(
+            fmt, q.data_ptr(), x_scale.data_ptr(), n, k, ptrs, packed.numel(), m, 1.0, out.data_ptr(), reps
+        )
+
+    return timer
+
+
+def core_tq1_0_matmul(q: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, m: int, out: torch.Tensor) -> None:
     n, k = q.shape
-    ptrs = [a[2].data_ptr() for a in arg_sets]
-    return _C.time_i2s_matmul(q.data_ptr(), x_scale.data_ptr(), n, k, ptrs, packed.numel(), m, out.data_ptr(), reps)
+    _C.tq1_0_matmul(q.data_ptr(), x_scale.data_ptr(), n, k, packed.data_ptr(), packed.numel(), m, 1.0, out.data_ptr())
 
 
 def packed_bytes(fmt: str, m: int, k: int) -> int:
@@ -255,7 +267,7 @@ def _matmul_cases(kernel: str, ours: Callable, ref: Callable, float_input: bool)
             if not float_input:
                 out = torch.empty(n, m)
                 providers["wrinklefree_core"] = Provider(
-                    core_i2s_matmul, (*args, out), rotate=(packed_at,), timer=core_i2s_matmul_timer
+                    core_i2s_matmul, (*args, out), rotate=(packed_at,), timer=core_matmul_timer("i2_s")
                 )
             fp32 = Provider(
                 fp32_matmul,
@@ -286,6 +298,46 @@ def _matmul_cases(kernel: str, ours: Callable, ref: Callable, float_input: bool)
 @register("i2s_matmul")
 def i2s_matmul_cases(s: Settings) -> Iterator[Case]:
     yield from _matmul_cases("i2s_matmul", ops.i2s_matmul, reference.i2s_matmul, float_input=False)
+
+
+@register("tq1_0_matmul")
+def tq1_0_matmul_cases(s: Settings) -> Iterator[Case]:
+    """The engine's TQ1_0 matmul (1.69 bits a weight, run as stored) against the I2_S one (2 bits) on
+    the same codes, both in C++ as the engine calls them. At N = 1 the share of read bandwidth is of
+    each format's own weight bytes."""
+    for k, m in SHAPES_KM:
+        wt = weight(m, k)
+        tq1 = ops.pack(wt.codes, torch.tensor(1.0), "tq1_0")
+        for n in BATCHES:
+            q, x_scale = ops.act_quant_int8(activations(n, k))
+            out = torch.empty(n, m)
+            yield Case(
+                kernel="tq1_0_matmul",
+                shape={"N": n, "K": k, "M": m},
+                providers={
+                    "wrinklefree_core": Provider(
+                        core_tq1_0_matmul,
+                        (q, x_scale, tq1, m, out),
+                        rotate=(2,),
+                        timer=core_matmul_timer("tq1_0"),
+                        nbytes=tq1.numel() + n * k + 4 * n * m,
+                        stream_bytes=tq1.numel(),
+                    ),
+                    "i2s_core": Provider(
+                        core_i2s_matmul,
+                        (q, x_scale, wt.packed, m, out),
+                        rotate=(2,),
+                        timer=core_matmul_timer("i2_s"),
+                        nbytes=wt.packed.numel() + n * k + 4 * n * m,
+                        stream_bytes=wt.packed.numel(),
+                    ),
+                },  # fmt: skip
+                baseline="i2s_core",
+                nbytes=None,
+                macs=n * m * k,
+                memory_bound=n == 1,
+                int8_matmul=True,
+            )
 
 
 @register("bitlinear_infer")

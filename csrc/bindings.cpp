@@ -87,23 +87,38 @@ PYBIND11_MODULE(_C, m) {
       },
       release());
   m.def(
-      "time_i2s_matmul",
-      [](uintptr_t q, uintptr_t xs, int64_t N, int64_t K, const std::vector<uintptr_t>& packed, int64_t nbytes,
-         int64_t M, uintptr_t out, int64_t reps) {
+      "tq1_0_matmul",
+      [](uintptr_t q, uintptr_t xs, int64_t N, int64_t K, uintptr_t packed, int64_t nbytes, int64_t M, float w_scale,
+         uintptr_t out) {
+        wf::tq1_0_matmul(ptr<const int8_t>(q), ptr<const float>(xs), N, K, ptr<const uint8_t>(packed), nbytes, M,
+                         w_scale, ptr<float>(out));
+      },
+      release(),
+      "out[N, M] = (sum_k code * q - sum_k q) / x_scale * w_scale over TQ1_0 weights of M x K with one "
+      "scale: the engine's TQ1_0 path (fast where has_native_tq1_0(), portable elsewhere).");
+  m.def("has_native_tq1_0", &wf::has_native_tq1_0, "Whether the active ISA runs TQ1_0 weights without repacking.");
+  m.def(
+      "time_matmul",
+      [](const std::string& fmt, uintptr_t q, uintptr_t xs, int64_t N, int64_t K, const std::vector<uintptr_t>& packed,
+         int64_t nbytes, int64_t M, float w_scale, uintptr_t out, int64_t reps) {
+        if (fmt != "i2_s" && fmt != "tq1_0") wf::fail("fmt must be 'i2_s' or 'tq1_0', got '" + fmt + "'");
         if (packed.empty()) wf::fail("packed must hold at least one buffer");
         std::vector<double> seconds(size_t(std::max<int64_t>(reps, 0)));
         for (size_t r = 0; r < seconds.size(); ++r) {
+          const auto* w = ptr<const uint8_t>(packed[r % packed.size()]);
           const auto start = std::chrono::steady_clock::now();
-          wf::i2s_matmul(ptr<const int8_t>(q), ptr<const float>(xs), N, K, ptr<const uint8_t>(packed[r % packed.size()]),
-                         nbytes, M, ptr<float>(out));
+          if (fmt == "i2_s")
+            wf::i2s_matmul(ptr<const int8_t>(q), ptr<const float>(xs), N, K, w, nbytes, M, ptr<float>(out));
+          else
+            wf::tq1_0_matmul(ptr<const int8_t>(q), ptr<const float>(xs), N, K, w, nbytes, M, w_scale, ptr<float>(out));
           seconds[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         }
         return seconds;
       },
       release(),
-      "Runs i2s_matmul reps times, call r on packed[r % len(packed)] (copies of one weight, so that each "
-      "call streams from memory), and returns each call's seconds: the kernel's time as the inference "
-      "engine calls it, with no Python between calls (for bench/run.py).");
+      "Runs i2s_matmul or tq1_0_matmul (fmt) reps times, call r on packed[r % len(packed)] (copies of one "
+      "weight, so that each call streams from memory; w_scale: TQ1_0's), and returns each call's seconds: "
+      "the kernel's time as the inference engine calls it, with no Python between calls (for bench/run.py).");
   m.def(
       "bitlinear_infer",
       [](uintptr_t x, int dt, int64_t N, int64_t K, uintptr_t packed, int64_t nbytes, int64_t M, uintptr_t out) {
@@ -177,6 +192,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("n_layer", [](const Model& e) { return e.hparams().n_layer; })
       .def_property_readonly("n_ctx", &Model::n_ctx)
       .def_property_readonly("n_past", &Model::n_past)
+      .def_property_readonly("ternary_format", &Model::ternary_format)
       .def_property_readonly("file_bytes", [](const Model& e) { return e.file().size(); })
       .def(
           "eval",

@@ -105,6 +105,30 @@ def test_threads_and_isas_agree(exported):
         ops.set_isa(isa)
 
 
+@pytest.mark.skipif("avx512" not in ops.supported_isas(), reason="needs a CPU with AVX-512 (VNNI)")
+def test_tq1_0_runs_as_stored(tokenizer, tmp_path):
+    """Under AVX-512 a TQ1_0 file runs as stored (no I2_S copy); loaded under another ISA it is repacked
+    to I2_S. Both give the same integer sums and the same float step, so the same logits, bit for bit,
+    and a TQ1_0 engine keeps running when the ISA changes after loading."""
+    path = tmp_path / "tiny-tq1_0.gguf"
+    export_gguf(reference_model(tokenizer, "tq1_0"), path, "tq1_0", tokenizer=tokenizer)
+    isa = ops.get_isa()
+    try:
+        ops.set_isa("avx512")
+        native = _C.Engine(str(path), 64, "f16")
+        ops.set_isa("avx2")
+        repacked = _C.Engine(str(path), 64, "f16")
+        assert (native.ternary_format, repacked.ternary_format) == ("tq1_0", "i2_s")
+        # the native engine on AVX2's portable TQ1_0 kernels: the integer sums are the same again
+        assert torch.equal(run(native, IDS[:4], all_logits=False), run(repacked, IDS[:4], all_logits=False))
+        ops.set_isa("avx512")
+        native.truncate(0)
+        repacked.truncate(0)
+        assert torch.equal(run(native, IDS), run(repacked, IDS))
+    finally:
+        ops.set_isa(isa)
+
+
 def test_int8_head_accuracy(exported):
     """The int8 head (rows quantized at load) costs about 1% of the logit range on this model."""
     _, _, path = exported

@@ -1,9 +1,10 @@
-"""i2s_matmul and bitlinear_infer against the reference (bit for bit) and against float math."""
+"""i2s_matmul and bitlinear_infer against the reference (bit for bit) and against float math; the
+engine's TQ1_0 matmul against i2s_matmul."""
 
 import pytest
 import torch
 
-from wrinklefree import ops
+from wrinklefree import _C, ops
 from wrinklefree.ops import reference
 
 
@@ -107,3 +108,50 @@ def test_matmul_errors_name_the_argument():
         ops.bitlinear_infer(torch.ones(2, 256, dtype=torch.float16), packed, 8)
     with pytest.raises(ValueError, match="bitlinear_infer: x must be 2-D"):
         ops.bitlinear_infer(torch.ones(256), packed, 8)
+
+
+# ---- TQ1_0: the engine's matmul over llama.cpp's 1.69-bit format (wrinklefree._C.tq1_0_matmul) ----
+
+
+def tq1_0_matmul(q, x_scale, packed, m, w_scale):
+    n, k = q.shape
+    out = torch.empty(n, m)
+    _C.tq1_0_matmul(
+        q.data_ptr(), x_scale.data_ptr(), n, k, packed.data_ptr(), packed.numel(), m, w_scale, out.data_ptr()
+    )
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 33, 128])
+@pytest.mark.parametrize("m", [1, 7, 33, 65])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 5, 10, 27])  # 256 values each: K = 2560 is 10, 6912 is 27
+def test_tq1_0_matmul_equals_i2s(isa, n, m, blocks):
+    # the same codes in both formats: the same integer sums, the same float step, the same bits
+    k = 256 * blocks
+    codes, i2s = packed_weight(m, k)
+    tq1 = ops.pack(codes, torch.tensor(0.043), "tq1_0")
+    q, x_scale = int8_acts(n, k)
+    assert torch.equal(tq1_0_matmul(q, x_scale, tq1, m, 0.043), reference.i2s_matmul(q, x_scale, i2s, m))
+
+
+def test_tq1_0_matmul_extreme_activations(isa):
+    # -128 / 127 everywhere against codes all -1 / all +1 / 0: the largest sums of the base-3 bytes
+    k, m = 6912, 4
+    codes = torch.tensor([-1, 1, 0, -1], dtype=torch.int8).repeat_interleave(k).view(m, k).contiguous()
+    tq1 = ops.pack(codes, torch.tensor(1.0), "tq1_0")
+    q = torch.stack([torch.full((k,), -128), torch.full((k,), 127)]).to(torch.int8)
+    want = [[128.0 * k, -128.0 * k, 0.0, 128.0 * k], [-127.0 * k, 127.0 * k, 0.0, -127.0 * k]]
+    assert tq1_0_matmul(q, torch.ones(2), tq1, m, 1.0).tolist() == want
+    for row in range(2):  # the one-row path
+        assert tq1_0_matmul(q[row : row + 1], torch.ones(1), tq1, m, 1.0).tolist() == want[row : row + 1]
+
+
+def test_tq1_0_matmul_bad_sizes():
+    codes, _ = packed_weight(3, 512)
+    tq1 = ops.pack(codes, torch.tensor(1.0), "tq1_0")
+    q, x_scale = int8_acts(2, 512)
+    with pytest.raises(ValueError, match="tq1_0 needs"):
+        tq1_0_matmul(q, x_scale, tq1[:-1], 3, 1.0)
+    q, x_scale = int8_acts(2, 384)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        tq1_0_matmul(q, x_scale, tq1, 3, 1.0)

@@ -39,13 +39,17 @@ void rms_norm(const Kernels& k, const float* x, const float* w, int64_t N, int64
   }
 }
 
-// Ternary projections of the same N quantized rows, in one pass over the threads: outs[i][N, M_i].
+// Ternary projections of the same N quantized rows, in one pass over the threads per format (a
+// file's projections normally share one): outs[i][N, M_i].
 void project(std::initializer_list<std::pair<const Projection*, float*>> jobs, const int8_t* q, const float* scale,
              int64_t N) {
-  I2SMatmulTarget targets[3];
-  int n = 0;
-  for (const auto& [p, out] : jobs) targets[n++] = {p->packed, p->M, out};
-  i2s_matmul_multi(q, scale, N, jobs.begin()->first->K, targets, n);
+  for (const TernaryFormat fmt : {TernaryFormat::I2S, TernaryFormat::TQ1_0}) {
+    TernaryTarget targets[3];
+    int n = 0;
+    for (const auto& [p, out] : jobs)
+      if (p->fmt == fmt) targets[n++] = {p->packed, p->M, out, p->scale};
+    if (n) ternary_matmul_multi(fmt, q, scale, N, jobs.begin()->first->K, targets, n);
+  }
   for (const auto& [p, out] : jobs)
     if (p->post_scale != 1.0f)
       for (int64_t i = 0; i < N * p->M; ++i) out[i] *= p->post_scale;
@@ -150,22 +154,35 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
   if (!fmt)
     f.error("tensor " + name + " has type " + gguf::type_name(t->type) +
             "; the engine runs ternary projections in I2_S, TQ2_0 or TQ1_0");
-  // Repack to I2_S, which keeps one scale for the tensor: every block scale must be that scale
-  // (or 0, for a block of zeros, as ggml's quantizer writes it).
+  // Both kernels keep one scale for the tensor: every block scale must be that scale (or 0, for a
+  // block of zeros, as ggml's quantizer writes it). The fp16 scale ends each block.
   const FormatInfo& fi = format_info(fmt);
-  std::vector<int8_t> codes(size_t(M * K));
-  std::vector<float> scales(size_t(M * K / fi.block_values));
-  unpack(fi, t->data, t->nbytes, M, K, codes.data(), scales.data());
+  if (t->nbytes != packed_bytes(fi, M, K))
+    f.error("tensor " + name + " holds " + std::to_string(t->nbytes) + " bytes, not the " +
+            std::to_string(packed_bytes(fi, M, K)) + " of " + fmt + " [" + std::to_string(M) + ", " + std::to_string(K) + "]");
   float s = 0.0f;
-  for (float b : scales) {
-    if (b == 0.0f) continue;
-    if (s == 0.0f) s = b;
-    if (b != s)
+  for (int64_t b = 0; b < M * K / fi.block_values; ++b) {
+    uint16_t h;
+    std::memcpy(&h, t->data + (b + 1) * fi.block_bytes - 2, 2);
+    const float d = f16_to_f32(h);
+    if (d == 0.0f) continue;
+    if (s == 0.0f) s = d;
+    if (d != s)
       f.error("tensor " + name + ": its " + fmt + " blocks have different scales (" + std::to_string(s) + ", " +
-              std::to_string(b) + "); the engine needs one scale per tensor, as BitNet models have");
+              std::to_string(d) + "); the engine needs one scale per tensor, as BitNet models have");
   }
   if (s == 0.0f) s = 1.0f;  // all zeros
   s *= extra;
+  if (t->type == gguf::kTQ1_0 && has_native_tq1_0()) {  // run as stored: no copy, no repacking
+    p.fmt = TernaryFormat::TQ1_0;
+    p.packed = t->data;
+    p.scale = s;
+    return p;
+  }
+  // Repack to I2_S.
+  std::vector<int8_t> codes(size_t(M * K));
+  std::vector<float> scales(size_t(M * K / fi.block_values));
+  unpack(fi, t->data, t->nbytes, M, K, codes.data(), scales.data());
   const FormatInfo& i2s = format_info("i2_s");
   p.owned.resize(size_t(packed_bytes(i2s, M, K)));
   wf::pack(i2s, codes.data(), M, K, &s, 1, p.owned.data());
@@ -241,6 +258,10 @@ void Model::load_weights(const std::string& head) {
       f.release(h->data + b0 * row_bytes, (b1 - b0) * row_bytes);
     }
   }
+}
+
+const char* Model::ternary_format() const {
+  return !layers_.empty() && layers_[0].q.fmt == TernaryFormat::TQ1_0 ? "tq1_0" : "i2_s";
 }
 
 void Model::truncate(int64_t n) {

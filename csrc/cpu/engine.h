@@ -1,6 +1,7 @@
 // The embedded CPU inference engine: a BitNet b1.58 decoder (DESIGN.md section 4) run from a
 // memory-mapped GGUF file, with a KV cache. Ternary projections go through the I2_S matmul
-// (prefill: many rows; decode: the one-row path); TQ2_0/TQ1_0 files are repacked to I2_S at load.
+// (prefill: many rows; decode: the one-row path). TQ1_0 runs as stored where the kernels have a
+// TQ1_0 matmul (AVX-512); TQ2_0 (and TQ1_0 elsewhere) is repacked to I2_S at load.
 //
 // The architecture key selects the graph of the engine that defines it:
 //   bitnet-b1.58 (bitnet.cpp): FFN relu(gate)^2 * up
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "cpu/gguf.h"
+#include "cpu/ops.h"
 
 namespace wf::engine {
 
@@ -27,11 +29,14 @@ struct HParams {
   Activation act = Activation::ReLU2;
 };
 
-// A ternary weight of M outputs x K inputs in I2_S: M*K/4 code bytes, float32 scale, 28 zero bytes.
+// A ternary weight of M outputs x K inputs, in I2_S (M*K/4 code bytes, float32 scale, 28 zero
+// bytes) or, where the kernels have a native TQ1_0 matmul, in TQ1_0 as the file holds it.
 struct Projection {
   int64_t M = 0, K = 0;
+  TernaryFormat fmt = TernaryFormat::I2S;
   const uint8_t* packed = nullptr;  // into the mapped file, or into `owned`
-  std::vector<uint8_t> owned;       // repacked from TQ2_0 / TQ1_0
+  std::vector<uint8_t> owned;       // I2_S repacked from TQ2_0 (or TQ1_0 without native kernels)
+  float scale = 1.0f;               // TQ1_0: the tensor's scale (I2_S keeps it after its codes)
   float post_scale = 1.0f;          // an I2_S tensor's separate `.scale` tensor, if the file has one
 };
 
@@ -50,6 +55,8 @@ class Model {
   const HParams& hparams() const { return hp_; }
   const gguf::File& file() const { return *file_; }
   int64_t n_ctx() const { return n_ctx_; }
+  // The format the ternary projections run in: "i2_s", or "tq1_0" when a TQ1_0 file runs as stored.
+  const char* ternary_format() const;
   int64_t n_past() const { return n_past_; }
 
   // Runs tokens[0, n) at positions n_past.. and appends them to the cache. logits receives

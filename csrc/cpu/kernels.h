@@ -38,6 +38,19 @@ struct Kernels {
                    const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo);
   int64_t i2s_natural_rows;
 
+  // The same two steps over TQ1_0 weights (llama.cpp's 1.69-bit format: blocks of 256 values in
+  // 54 bytes, K / 256 * 54 bytes a row), with the tensor's one scale passed as w_scale. Where
+  // tq1_fast is false they are portable and slow (kernels_generic.h), and the engine repacks
+  // TQ1_0 to I2_S at load instead; they serve a model loaded on a faster ISA. The
+  // digits 0, 1, 2 stand for the codes -1, 0, +1, so out is the I2_S formula: the same D, the same
+  // float step, the same bits. tq1_prepare_row returns the row's sum and, unless out is nullptr,
+  // copies it into the one-row (N = 1) layout, tq1_prepared_bytes(K) bytes; calls of 2 rows or
+  // more read the activations as they are.
+  int32_t (*tq1_prepare_row)(const int8_t* q, int64_t K, int8_t* out);
+  void (*tq1_gemm)(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
+                   const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo);
+  bool tq1_fast;
+
   // Float kernels of the inference engine (csrc/cpu/engine.cpp); tolerance-exact, not bit-exact
   // across ISAs.
   // out[n * ldo + m] = sum_k x[n * K + k] * W[m * K + k] for m in [m0, m1); W is fp16.
@@ -61,6 +74,10 @@ struct Kernels {
   // uses) from registers and returns the number of multiply-adds done; for measuring the peak.
   int64_t (*int8_macs)(int64_t iters);
 };
+
+// TQ1_0's one-row activation layout: 1024 bytes per group of four blocks (the last group padded
+// with zeros).
+inline int64_t tq1_prepared_bytes(int64_t K) { return (K / 256 + 3) / 4 * 1024; }
 
 // Helpers shared by the per-ISA files. Each of those files is compiled with its own target flags,
 // so these must not be shared symbols (the linker could hand the AVX-512 copy to the scalar

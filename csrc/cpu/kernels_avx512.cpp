@@ -216,6 +216,17 @@ void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float in
 // its natural order and is handled with 32-byte loads. The band path of prefill (from
 // kBandMinRows rows) reorders the weights instead and reads the activations as they are.
 
+// The sum of a row of int8 activations.
+int32_t int8_row_sum(const int8_t* q, int64_t K) {
+  const __m512i ones = _mm512_set1_epi8(1);  // vpdpbusd against ones: unsigned 1 x signed q
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= K; i += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(q + i));
+  int32_t sum = _mm512_reduce_add_epi32(acc);
+  for (; i < K; ++i) sum += q[i];
+  return sum;
+}
+
 int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
   const int64_t pairs = K / 256;
   for (int64_t p = 0; out && p < pairs; ++p) {
@@ -227,14 +238,7 @@ int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
     }
   }
   if (out && K % 256) std::memcpy(out + pairs * 256, q + pairs * 256, 128);
-  // Row sum with vpdpbusd against ones (unsigned 1 x signed x).
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc = _mm512_setzero_si512();
-  int64_t i = 0;
-  for (; i + 64 <= K; i += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(q + i));
-  int32_t sum = _mm512_reduce_add_epi32(acc);
-  for (; i < K; ++i) sum += q[i];
-  return sum;
+  return int8_row_sum(q, K);
 }
 
 // Sums each of up to 16 vectors across its lanes: lane i of the result is the sum of v[i]
@@ -519,6 +523,208 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
                 });
 }
 
+// ---- TQ1_0 -------------------------------------------------------------------------------------
+// A TQ1_0 block of 256 values (54 bytes): qs[0:32] hold values 32n + j (byte j, digit n = 0..4),
+// qs[32:48] values 160 + 16n + j, qh[0:4] values 240 + 4n + j (digit n = 0..3), then an fp16
+// scale, which the engine checks is the tensor's. A byte holds its digits t_n (0, 1, 2 for -1,
+// 0, +1) as q = ceil(v * 256 / 243), v = sum_n t_n 3^(4 - n) (qh: 3^(3 - n), times 3), and digit n
+// is t_n = (3 x_n) >> 8 with x_n = q * 3^n mod 256, so x_{n+1} = 3 x_n mod 256: two byte adds.
+//
+// The one-row path never extracts a digit: 3 x_n - x_{n+1} = 256 t_n exactly, so
+//   sum_i t_n,i a_i = (3 sum_i x_n,i a_i - sum_i x_n+1,i a_i) / 256,
+// two vpdpbusd of the bytes x_n and x_{n+1} as they are, where extracting t_n takes two compares
+// and two mask moves before its one vpdpbusd.
+
+constexpr int64_t kTq1BlockBytes = 54;
+
+inline __m512i times3(__m512i x) { return _mm512_add_epi8(_mm512_add_epi8(x, x), x); }
+inline __m256i times3(__m256i x) { return _mm256_add_epi8(_mm256_add_epi8(x, x), x); }
+inline __m128i times3(__m128i x) { return _mm_add_epi8(_mm_add_epi8(x, x), x); }
+
+// Stands in for the blocks past a row's end in the last group of four: zero bytes give x_n = 0,
+// which adds nothing.
+alignas(64) constexpr uint8_t kZeroTq1Block[kTq1BlockBytes] = {};
+
+// The one-row layout, 1024 bytes per group of four blocks A, B, C, D (zeros past the row's end):
+//   [0, 640)     qs[0:32], blocks A B then C D: for digit n, [A 32n..+32 | B 32n..+32] at 64n
+//                and [C 32n..+32 | D 32n..+32] at 320 + 64n;
+//   [640, 960)   qs[32:48]: for digit n, [A | B | C | D] 160+16n..+16 at 640 + 64n;
+//   [960, 1024)  qh: for digit n, [A | B | C | D] 240+4n..+4 at 960 + 16n.
+// Each 64-byte vector of digits is then one load beside its weight bytes.
+int32_t tq1_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
+  const int64_t blocks = K / 256;
+  for (int64_t c = 0; out && c < (blocks + 3) / 4; ++c) {
+    int8_t* dst = out + c * 1024;
+    for (int h = 0; h < 4; ++h) {
+      const int64_t b = 4 * c + h;
+      auto put = [&](int64_t at, int64_t from, size_t len) {
+        if (b < blocks) std::memcpy(dst + at, q + b * 256 + from, len);
+        else std::memset(dst + at, 0, len);
+      };
+      for (int n = 0; n < 5; ++n) put(320 * (h / 2) + 64 * n + 32 * (h % 2), 32 * n, 32);
+      for (int n = 0; n < 5; ++n) put(640 + 64 * n + 16 * h, 160 + 16 * n, 16);
+      for (int n = 0; n < 4; ++n) put(960 + 16 * n + 4 * h, 240 + 4 * n, 4);
+    }
+  }
+  return int8_row_sum(q, K);
+}
+
+// acc += x . a (vpdpbusd, unsigned x). As asm for the reason of dpbusd_bcast: with the
+// intrinsic, GCC 12 copies every accumulator around each one and spills them.
+inline void dpbusd_reg(__m512i& acc, __m512i x, __m512i a) { __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(a)); }
+
+// Word indices into [ab | cd] (tq1_gemv_row), where block h's bytes 32.. start at word 16h: its
+// qs[32:48] are words 16h..16h+7, its qh words 16h+8, 16h+9. (Arrays, not vectors: a vector
+// constant at namespace scope would run AVX-512 code when the library loads, on any CPU.)
+alignas(64) constexpr int16_t kTq1Qs1Words[32] = {0,  1,  2,  3,  4,  5,  6,  7,  16, 17, 18, 19, 20, 21, 22, 23,
+                                                  32, 33, 34, 35, 36, 37, 38, 39, 48, 49, 50, 51, 52, 53, 54, 55};
+alignas(64) constexpr int16_t kTq1QhWords[32] = {8, 9, 24, 25, 40, 41, 56, 57, 8, 9, 24, 25, 40, 41, 56, 57,
+                                                 8, 9, 24, 25, 40, 41, 56, 57, 8, 9, 24, 25, 40, 41, 56, 57};
+
+// sum_i t_i a_i over one TQ1_0 row (digits t, not codes), with `act` in tq1_prepare_row's layout,
+// four blocks at a time in full 64-byte vectors: 32 vpdpbusd per 1024 weights. Which digit a
+// product belongs to does not matter to the sum, so all go to 5 pairs of accumulators, each a
+// short chain.
+int32_t tq1_gemv_row(const int8_t* act, int64_t K, const uint8_t* w) {
+  const int64_t blocks = K / 256;
+  // sum x_n a (t: to be tripled) and sum x_{n+1} a (r), as named variables: GCC 12 keeps an array
+  // of them in memory, as in band_tile.
+#define WF_DIGITS(X) X(0) X(1) X(2) X(3) X(4)
+#define WF_DECL(n) __m512i t##n = _mm512_setzero_si512(), r##n = t##n;
+  WF_DIGITS(WF_DECL)
+  // The five digits of the bytes in v against the five activation vectors from x.
+#define WF_STEP(n)                                    \
+  {                                                   \
+    const __m512i v1 = times3(v);                     \
+    const __m512i a = _mm512_loadu_si512(x + 64 * n); \
+    dpbusd_reg(t##n, v, a);                           \
+    dpbusd_reg(r##n, v1, a);                          \
+    v = v1;                                           \
+  }
+  const __m512i qs1_words = _mm512_load_si512(kTq1Qs1Words), qh_words = _mm512_load_si512(kTq1QhWords);
+  for (int64_t b = 0; b < blocks; b += 4) {
+    const uint8_t* blk[4];
+    for (int h = 0; h < 4; ++h) blk[h] = b + h < blocks ? w + (b + h) * kTq1BlockBytes : kZeroTq1Block;
+    _mm_prefetch((const char*)(blk[0] + kPrefetchBytes), _MM_HINT_T2);
+    _mm_prefetch((const char*)(blk[0] + kPrefetchBytes + 64), _MM_HINT_T2);
+    _mm_prefetch((const char*)(blk[0] + kPrefetchBytes + 128), _MM_HINT_T2);
+    _mm_prefetch((const char*)(blk[0] + kPrefetchBytes + 192), _MM_HINT_T2);
+    const int8_t* x = act + b / 4 * 1024;
+    {
+      __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)blk[0])),
+                                     _mm256_loadu_si256((const __m256i*)blk[1]), 1);
+      WF_DIGITS(WF_STEP)
+    }
+    x += 320;
+    if (b + 2 < blocks) {  // not a last group of one or two blocks (K = 2560 ends with two)
+      __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)blk[2])),
+                                     _mm256_loadu_si256((const __m256i*)blk[3]), 1);
+      WF_DIGITS(WF_STEP)
+    }
+    x += 320;
+    // Bytes 32..53 of each block (qs[32:48], qh, the scale) in the 32-byte quarters of two
+    // vectors; two word permutes gather qs[32:48] of the four blocks, and their qh into every
+    // 16-byte lane.
+    const __mmask32 tail = 0x3FFFFF;  // 22 bytes: nothing past the block is read
+    const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(tail, blk[0] + 32)),
+                                          _mm256_maskz_loadu_epi8(tail, blk[1] + 32), 1);
+    const __m512i cd = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(tail, blk[2] + 32)),
+                                          _mm256_maskz_loadu_epi8(tail, blk[3] + 32), 1);
+    {
+      __m512i v = _mm512_permutex2var_epi16(ab, qs1_words, cd);
+      WF_DIGITS(WF_STEP)
+    }
+    // qh of the four blocks (16 bytes) in each 16-byte lane n, times 3^n by masked steps: the
+    // four digits at once, against the 64 activation bytes at 960.
+    __m512i g = _mm512_permutex2var_epi16(ab, qh_words, cd);
+    for (const __mmask64 lanes : {__mmask64(0xFFFFFFFFFFFF0000ull), __mmask64(0xFFFFFFFF00000000ull),
+                                  __mmask64(0xFFFF000000000000ull)})
+      g = _mm512_mask_add_epi8(g, lanes, _mm512_add_epi8(g, g), g);
+    const __m512i a = _mm512_loadu_si512(x + 320);
+    dpbusd_reg(t0, g, a);
+    dpbusd_reg(r0, times3(g), a);
+  }
+  // Each lane of 3 t - r is 256 times its share of the sum: exact, so shift, then add up.
+  auto lanes = [](__m512i t, __m512i r) { return _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(t, t), t), r); };
+  __m512i z = _mm512_setzero_si512();
+#define WF_SUM(n) z = _mm512_add_epi32(z, lanes(t##n, r##n));
+  WF_DIGITS(WF_SUM)
+#undef WF_SUM
+#undef WF_STEP
+#undef WF_DECL
+#undef WF_DIGITS
+  return _mm512_reduce_add_epi32(_mm512_srai_epi32(z, 8));
+}
+
+// The digits (0, 1, 2) of one TQ1_0 row, K bytes in natural order.
+void tq1_digits_row(const uint8_t* w, int64_t K, uint8_t* out) {
+  const __m256i ones256 = _mm256_set1_epi8(1);
+  const __m128i ones128 = _mm_set1_epi8(1);
+  auto d256 = [&](__m256i x) {
+    const __mmask32 one = _mm256_cmpgt_epu8_mask(x, _mm256_set1_epi8(85)), two = _mm256_cmpgt_epu8_mask(x, _mm256_set1_epi8(char(170)));
+    const __m256i d = _mm256_maskz_mov_epi8(one, ones256);
+    return _mm256_mask_add_epi8(d, two, d, ones256);
+  };
+  auto d128 = [&](__m128i x) {
+    const __mmask16 one = _mm_cmpgt_epu8_mask(x, _mm_set1_epi8(85)), two = _mm_cmpgt_epu8_mask(x, _mm_set1_epi8(char(170)));
+    const __m128i d = _mm_maskz_mov_epi8(one, ones128);
+    return _mm_mask_add_epi8(d, two, d, ones128);
+  };
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* src = w + b * kTq1BlockBytes;
+    uint8_t* dst = out + b * 256;
+    __m256i v = _mm256_loadu_si256((const __m256i*)src);
+    for (int n = 0; n < 5; ++n, v = times3(v)) _mm256_storeu_si256((__m256i*)(dst + 32 * n), d256(v));
+    __m128i u = _mm_loadu_si128((const __m128i*)(src + 32));
+    for (int n = 0; n < 5; ++n, u = times3(u)) _mm_storeu_si128((__m128i*)(dst + 160 + 16 * n), d128(u));
+    uint32_t qh;
+    std::memcpy(&qh, src + 48, 4);
+    __m128i g = _mm_cvtsi32_si128(int(qh));
+    for (int n = 0; n < 4; ++n, g = times3(g)) {
+      const uint32_t t = uint32_t(_mm_cvtsi128_si32(d128(g)));
+      std::memcpy(dst + 240 + 4 * n, &t, 4);
+    }
+  }
+}
+
+// Weight rows [m, m + rows) (rows <= 32) of TQ1_0 into unpack_band's layout: their digits, row
+// by row into `digits` (32 x K bytes), then 16 x 16 dword transposes (missing rows are zeros).
+void tq1_band(const uint8_t* W, int64_t row_bytes, int64_t K, int64_t rows, uint8_t* digits, uint8_t* buf) {
+  for (int64_t r = 0; r < rows; ++r) tq1_digits_row(W + r * row_bytes, K, digits + r * K);
+  for (int h = 0; h < 2; ++h) {
+    const int64_t valid = std::clamp<int64_t>(rows - 16 * h, 0, 16);
+    for (int64_t c = 0; c < K / 64; ++c) {  // activation dwords 16c .. 16c + 15
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r)
+        v[r] = r < valid ? _mm512_loadu_si512(digits + (16 * h + r) * K + 64 * c) : _mm512_setzero_si512();
+      transpose16(v);  // v[j]: dword 16c + j of the 16 rows
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(buf + (16 * c + j) * 128 + 64 * h, v[j]);
+    }
+  }
+}
+
+void tq1_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
+              const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
+  const int64_t row_bytes = K / 256 * kTq1BlockBytes;
+  if (N == 1) {
+    const int64_t head = std::min<int64_t>(kPrefetchBytes, (m1 - m0) * row_bytes);
+    for (int64_t off = 0; off < head; off += 64) _mm_prefetch((const char*)(W + m0 * row_bytes + off), _MM_HINT_T2);
+    for (int64_t m = m0; m < m1; ++m)
+      out[m] = i2s_rescale(tq1_gemv_row(acts, K, W + m * row_bytes), rowsum[0], x_scale[0], w_scale);
+    return;
+  }
+  // Two rows or more: bands of digits, as the I2_S prefill, whatever N (TQ1_0 has no small-N tiles).
+  uint8_t* buf = scratch<1>(K * 32);
+  uint8_t* digits = scratch<2>(K * 32);
+  for (int64_t m = m0; m < m1; m += kBand) {
+    const int64_t rows = std::min<int64_t>(kBand, m1 - m);
+    tq1_band(W + m * row_bytes, row_bytes, K, rows, digits, buf);
+    for (int64_t n = 0; n < N; n += kBandTileRows)
+      band_tile(acts + n * K, K, std::min<int64_t>(kBandTileRows, N - n), buf, rowsum + n, x_scale + n, w_scale, rows,
+                out + n * ldo + m, ldo);
+  }
+}
+
 // ---- engine float kernels -----------------------------------------------------------------------
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -676,7 +882,8 @@ int64_t int8_macs(int64_t iters) {
 
 const Kernels& kernels() {
   static const Kernels k{"avx512",       chunk_sum,        ternary_round, act_quant_row, norm_quant_row,
-                         i2s_prepare_row, i2s_gemm,        kBandMinRows,  f16_gemm,      i8_gemm,       dot_f32,
+                         i2s_prepare_row, i2s_gemm,        kBandMinRows,  tq1_prepare_row, tq1_gemm, /*tq1_fast=*/true,
+                         f16_gemm,        i8_gemm,         dot_f32,
                          axpy_f32,        glu,             read_bytes,    int8_macs};
   return k;
 }

@@ -99,24 +99,44 @@ void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, con
   if (packed_nbytes != need)
     fail("packed holds " + std::to_string(packed_nbytes) + " bytes; out_features=" + std::to_string(M) +
          " x K=" + std::to_string(K) + " in i2_s needs M*K/4 + 32 = " + std::to_string(need));
-  const I2SMatmulTarget target{packed, M, out};
-  i2s_matmul_multi(q, x_scale, N, K, &target, 1);
+  const TernaryTarget target{packed, M, out, 0.0f};
+  ternary_matmul_multi(TernaryFormat::I2S, q, x_scale, N, K, &target, 1);
 }
 
-void i2s_matmul_multi(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const I2SMatmulTarget* targets,
-                      int n_targets) {
+bool has_native_tq1_0() { return active_kernels().tq1_fast; }
+
+void tq1_0_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
+                  int64_t packed_nbytes, int64_t M, float w_scale, float* out) {
   check_positive("q.shape[0]", N);
-  if (K % format_info("i2_s").block_values) fail("K=" + std::to_string(K) + " is not a multiple of 128");
+  check_positive("out_features", M);
+  const int64_t need = packed_bytes(format_info("tq1_0"), M, K);
+  if (packed_nbytes != need)
+    fail("packed holds " + std::to_string(packed_nbytes) + " bytes; out_features=" + std::to_string(M) +
+         " x K=" + std::to_string(K) + " in tq1_0 needs M*K/256*54 = " + std::to_string(need));
+  const TernaryTarget target{packed, M, out, w_scale};
+  ternary_matmul_multi(TernaryFormat::TQ1_0, q, x_scale, N, K, &target, 1);
+}
+
+void ternary_matmul_multi(TernaryFormat fmt, const int8_t* q, const float* x_scale, int64_t N, int64_t K,
+                          const TernaryTarget* targets, int n_targets) {
+  check_positive("q.shape[0]", N);
   const Kernels& k = active_kernels();
-  // The activations in the layout the gemm reads: q itself from i2s_natural_rows rows up, else a
+  const bool tq1 = fmt == TernaryFormat::TQ1_0;
+  const FormatInfo& fi = format_info(tq1 ? "tq1_0" : "i2_s");
+  if (K % fi.block_values) fail("K=" + std::to_string(K) + " is not a multiple of " + std::to_string(fi.block_values));
+  // 3 * sum x a of a TQ1_0 row must fit in an int32 lane (tq1_gemv_row): up to 2^21 values.
+  if (tq1 && K > (int64_t(1) << 21)) fail("K=" + std::to_string(K) + " is over the TQ1_0 matmul's limit of 2^21");
+  auto prepare = tq1 ? k.tq1_prepare_row : k.i2s_prepare_row;
+  auto gemm = tq1 ? k.tq1_gemm : k.i2s_gemm;
+  // The activations in the layout the gemm reads: q itself from natural_rows rows up, else a
   // prepared copy (which kernels may read up to 64 bytes past its last row).
-  const bool natural = N >= k.i2s_natural_rows;
-  auto prepared = aligned_buffer<int8_t>(natural ? 0 : N * K + 64);
+  const bool natural = N >= (tq1 ? 2 : k.i2s_natural_rows);
+  const int64_t row = tq1 ? tq1_prepared_bytes(K) : K;
+  auto prepared = aligned_buffer<int8_t>(natural ? 0 : N * row + 64);
   const int8_t* acts = natural ? q : prepared.get();
   auto rowsum = aligned_buffer<int32_t>(N);
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      rowsum[n] = k.i2s_prepare_row(q + n * K, K, natural ? nullptr : prepared.get() + n * K);
+    for (int64_t n = n0; n < n1; ++n) rowsum[n] = prepare(q + n * K, K, natural ? nullptr : prepared.get() + n * row);
   });
   // Split the weight rows across threads in units of 32 rows (a multiple of every tile width);
   // one activation row (decode) has no tiles, and finer units balance its short calls better.
@@ -124,21 +144,22 @@ void i2s_matmul_multi(const int8_t* q, const float* x_scale, int64_t N, int64_t 
   const int64_t unit = N == 1 ? 8 : 32;
   std::vector<int64_t> first(size_t(n_targets) + 1, 0);  // first unit of each target
   std::vector<float> w_scale(static_cast<size_t>(n_targets));
-  int64_t total_rows = 0;
+  int64_t total_bytes = 0;
   for (int t = 0; t < n_targets; ++t) {
     check_positive("out_features", targets[t].M);
     first[t + 1] = first[t] + (targets[t].M + unit - 1) / unit;
-    std::memcpy(&w_scale[t], targets[t].packed + targets[t].M * K / 4, 4);
-    total_rows += targets[t].M;
+    if (tq1) w_scale[t] = targets[t].w_scale;
+    else std::memcpy(&w_scale[t], targets[t].W + targets[t].M * K / 4, 4);
+    total_bytes += packed_bytes(fi, targets[t].M, K);
   }
-  parallel_for(first[n_targets], N * total_rows * K / 4, [&](int64_t u0, int64_t u1) {
+  parallel_for(first[n_targets], N * total_bytes, [&](int64_t u0, int64_t u1) {
     int t = 0;
     while (u0 < u1) {
       while (first[t + 1] <= u0) ++t;
       const int64_t u_end = std::min(u1, first[t + 1]);
-      const I2SMatmulTarget& tg = targets[t];
-      k.i2s_gemm(acts, rowsum.get(), x_scale, N, K, tg.packed, w_scale[t], (u0 - first[t]) * unit,
-                 std::min((u_end - first[t]) * unit, tg.M), tg.out, tg.M);
+      const TernaryTarget& tg = targets[t];
+      gemm(acts, rowsum.get(), x_scale, N, K, tg.W, w_scale[t], (u0 - first[t]) * unit,
+           std::min((u_end - first[t]) * unit, tg.M), tg.out, tg.M);
       u0 = u_end;
     }
   });

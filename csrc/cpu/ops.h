@@ -28,16 +28,25 @@ void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64
 void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
                 int64_t packed_nbytes, int64_t M, float* out);
 
-// Several I2_S matmuls of the same activations (Q, K and V; gate and up), in one pass over the
+// The same product over TQ1_0 weights (K a multiple of 256, K / 256 * 54 bytes a row) with the
+// tensor's one scale w_scale. has_native_tq1_0: the active ISA has a fast one (AVX-512), so the
+// engine runs TQ1_0 files as stored; elsewhere this is portable scalar code.
+void tq1_0_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
+                  int64_t packed_nbytes, int64_t M, float w_scale, float* out);
+bool has_native_tq1_0();
+
+// Several ternary matmuls of the same activations (Q, K and V; gate and up), in one pass over the
 // threads: the activations are prepared once, and the weight rows of all of them are split into
 // one list of work units. Each target writes out[N, M] (row stride M).
-struct I2SMatmulTarget {
-  const uint8_t* packed;  // M*K/4 code bytes, then the float32 scale
+enum class TernaryFormat { I2S, TQ1_0 };
+struct TernaryTarget {
+  const uint8_t* W;  // I2_S: M*K/4 code bytes, then the float32 scale; TQ1_0: M rows of K / 256 blocks
   int64_t M;
   float* out;
+  float w_scale;  // TQ1_0's tensor scale (I2_S's is read from W)
 };
-void i2s_matmul_multi(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const I2SMatmulTarget* targets,
-                      int n_targets);
+void ternary_matmul_multi(TernaryFormat fmt, const int8_t* q, const float* x_scale, int64_t N, int64_t K,
+                          const TernaryTarget* targets, int n_targets);
 
 // act_quant_int8 then i2s_matmul.
 void bitlinear_infer(const void* x, DType dt, int64_t N, int64_t K, const uint8_t* packed, int64_t packed_nbytes,

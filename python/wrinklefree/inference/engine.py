@@ -99,6 +99,12 @@ class Engine:
         return self._native.arch
 
     @property
+    def ternary_format(self) -> str:
+        """The format the ternary projections run in: "i2_s" (I2_S and TQ2_0 files, which are repacked at load), or
+        "tq1_0" (a TQ1_0 file run as stored, where the CPU has AVX-512; elsewhere TQ1_0 is repacked to I2_S)."""
+        return self._native.ternary_format
+
+    @property
     def n_vocab(self) -> int:
         return self._native.n_vocab
 
