@@ -373,7 +373,7 @@ def make_row(shape_name: str, provider: str, fmt: str, head: str, threads: int, 
         "mode": "inference",
         "device": "cpu",
         "shape": {"model": shape_name, "fmt": fmt, "head": head, "threads": threads},
-        "file": str(path),
+        "file": str(path.relative_to(BENCH_DIR.parent)) if path.is_relative_to(BENCH_DIR.parent) else path.name,
         "file_bytes": file_bytes,
         "rounds": len(runs),
         # CPU that other processes took during each run, in cores: above ~0.1 the timings are suspect
