@@ -91,31 +91,36 @@ void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64
   });
 }
 
-void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
-                int64_t packed_nbytes, int64_t M, float* out) {
+namespace {
+
+// One weight of `fmt` (described as `layout` in errors): its size checked, then run as a
+// ternary_matmul_multi of one target.
+void one_matmul(TernaryFormat fmt, const char* layout, const int8_t* q, const float* x_scale, int64_t N, int64_t K,
+                const uint8_t* packed, int64_t packed_nbytes, int64_t M, float w_scale, float* out) {
   check_positive("q.shape[0]", N);
   check_positive("out_features", M);
-  const int64_t need = packed_bytes(format_info("i2_s"), M, K);
+  const char* name = fmt == TernaryFormat::TQ1_0 ? "tq1_0" : "i2_s";
+  const int64_t need = packed_bytes(format_info(name), M, K);
   if (packed_nbytes != need)
     fail("packed holds " + std::to_string(packed_nbytes) + " bytes; out_features=" + std::to_string(M) +
-         " x K=" + std::to_string(K) + " in i2_s needs M*K/4 + 32 = " + std::to_string(need));
-  const TernaryTarget target{packed, M, out, 0.0f};
-  ternary_matmul_multi(TernaryFormat::I2S, q, x_scale, N, K, &target, 1);
+         " x K=" + std::to_string(K) + " in " + name + " needs " + layout + " = " + std::to_string(need));
+  const TernaryTarget target{packed, M, out, w_scale};
+  ternary_matmul_multi(fmt, q, x_scale, N, K, &target, 1);
 }
 
-bool has_native_tq1_0() { return active_kernels().tq1_fast; }
+}  // namespace
+
+void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
+                int64_t packed_nbytes, int64_t M, float* out) {
+  one_matmul(TernaryFormat::I2S, "M*K/4 + 32", q, x_scale, N, K, packed, packed_nbytes, M, 0.0f, out);
+}
 
 void tq1_0_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
                   int64_t packed_nbytes, int64_t M, float w_scale, float* out) {
-  check_positive("q.shape[0]", N);
-  check_positive("out_features", M);
-  const int64_t need = packed_bytes(format_info("tq1_0"), M, K);
-  if (packed_nbytes != need)
-    fail("packed holds " + std::to_string(packed_nbytes) + " bytes; out_features=" + std::to_string(M) +
-         " x K=" + std::to_string(K) + " in tq1_0 needs M*K/256*54 = " + std::to_string(need));
-  const TernaryTarget target{packed, M, out, w_scale};
-  ternary_matmul_multi(TernaryFormat::TQ1_0, q, x_scale, N, K, &target, 1);
+  one_matmul(TernaryFormat::TQ1_0, "M*K/256*54", q, x_scale, N, K, packed, packed_nbytes, M, w_scale, out);
 }
+
+bool has_native_tq1_0() { return active_kernels().tq1_fast; }
 
 void ternary_matmul_multi(TernaryFormat fmt, const int8_t* q, const float* x_scale, int64_t N, int64_t K,
                           const TernaryTarget* targets, int n_targets) {
