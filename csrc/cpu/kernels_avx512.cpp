@@ -581,79 +581,104 @@ alignas(64) constexpr int16_t kTq1Qs1Words[32] = {0,  1,  2,  3,  4,  5,  6,  7,
 alignas(64) constexpr int16_t kTq1QhWords[32] = {8, 9, 24, 25, 40, 41, 56, 57, 8, 9, 24, 25, 40, 41, 56, 57,
                                                  8, 9, 24, 25, 40, 41, 56, 57, 8, 9, 24, 25, 40, 41, 56, 57};
 
-// sum_i t_i a_i over one TQ1_0 row (digits t, not codes), with `act` in tq1_prepare_row's layout,
-// four blocks at a time in full 64-byte vectors: 32 vpdpbusd per 1024 weights. Which digit a
-// product belongs to does not matter to the sum, so all go to 5 pairs of accumulators, each a
-// short chain.
-int32_t tq1_gemv_row(const int8_t* act, int64_t K, const uint8_t* w) {
+// sum_i t_i a_i over R = 1 or 2 TQ1_0 rows (digits t, not codes; rows row_bytes apart) into
+// dots[0, R), with `act` in tq1_prepare_row's layout, four blocks at a time in full 64-byte
+// vectors: 32 vpdpbusd per row and 1024 weights. Which digit a product belongs to does not matter
+// to the sum, so all go to 5 pairs of accumulators per row, each a short chain. Two rows share
+// each activation load and hide each other's latencies.
+template <int R>
+void tq1_gemv_rows(const int8_t* act, int64_t K, const uint8_t* w, int64_t row_bytes, int32_t* dots) {
+  static_assert(R == 1 || R == 2);
   const int64_t blocks = K / 256;
-  // sum x_n a (t: to be tripled) and sum x_{n+1} a (r), as named variables: GCC 12 keeps an array
-  // of them in memory, as in band_tile.
+  // Per digit n, sum x_n a (t, u: to be tripled) and sum x_{n+1} a (r, s) of the first and second
+  // row, as named variables: GCC 12 keeps an array of them in memory, as in band_tile.
 #define WF_DIGITS(X) X(0) X(1) X(2) X(3) X(4)
-#define WF_DECL(n) __m512i t##n = _mm512_setzero_si512(), r##n = t##n;
+#define WF_DECL(n) __m512i t##n = _mm512_setzero_si512(), r##n = t##n, u##n = t##n, s##n = t##n;
   WF_DIGITS(WF_DECL)
-  // The five digits of the bytes in v against the five activation vectors from x.
+  // The five digits of the bytes in v0 (and v1) against the five activation vectors from x.
 #define WF_STEP(n)                                    \
   {                                                   \
-    const __m512i v1 = times3(v);                     \
     const __m512i a = _mm512_loadu_si512(x + 64 * n); \
-    dpbusd_reg(t##n, v, a);                           \
-    dpbusd_reg(r##n, v1, a);                          \
-    v = v1;                                           \
+    const __m512i v0n = times3(v0);                   \
+    dpbusd_reg(t##n, v0, a);                          \
+    dpbusd_reg(r##n, v0n, a);                         \
+    v0 = v0n;                                         \
+    if constexpr (R == 2) {                           \
+      const __m512i v1n = times3(v1);                 \
+      dpbusd_reg(u##n, v1, a);                        \
+      dpbusd_reg(s##n, v1n, a);                       \
+      v1 = v1n;                                       \
+    }                                                 \
   }
   const __m512i qs1_words = _mm512_load_si512(kTq1Qs1Words), qh_words = _mm512_load_si512(kTq1QhWords);
+  const __mmask32 tail = 0x3FFFFF;  // bytes 32..53 of a block: nothing past it is read
   for (int64_t b = 0; b < blocks; b += 4) {
-    const uint8_t* blk[4];
-    for (int h = 0; h < 4; ++h) blk[h] = b + h < blocks ? w + (b + h) * kTq1BlockBytes : kZeroTq1Block;
-    _mm_prefetch((const char*)(blk[0] + kPrefetchBytes), _MM_HINT_T2);
-    _mm_prefetch((const char*)(blk[0] + kPrefetchBytes + 64), _MM_HINT_T2);
-    _mm_prefetch((const char*)(blk[0] + kPrefetchBytes + 128), _MM_HINT_T2);
-    _mm_prefetch((const char*)(blk[0] + kPrefetchBytes + 192), _MM_HINT_T2);
+    const uint8_t* blk[2][4];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 4; ++h)
+        blk[r][h] = b + h < blocks ? w + r * row_bytes + (b + h) * kTq1BlockBytes : kZeroTq1Block;
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < 4; ++l) _mm_prefetch((const char*)(blk[r][0] + kPrefetchBytes + 64 * l), _MM_HINT_T2);
+    auto half = [&](int r, int h) {  // qs[0:32] of blocks h, h + 1
+      return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)blk[r][h])),
+                                _mm256_loadu_si256((const __m256i*)blk[r][h + 1]), 1);
+    };
+    // Bytes 32..53 of each block (qs[32:48], qh, the scale) in the 32-byte quarters of two
+    // vectors; two word permutes gather qs[32:48] of the four blocks, and their qh into every
+    // 16-byte lane.
+    auto upper = [&](int r, int h) {
+      return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(tail, blk[r][h] + 32)),
+                                _mm256_maskz_loadu_epi8(tail, blk[r][h + 1] + 32), 1);
+    };
     const int8_t* x = act + b / 4 * 1024;
     {
-      __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)blk[0])),
-                                     _mm256_loadu_si256((const __m256i*)blk[1]), 1);
+      __m512i v0 = half(0, 0), v1 = R == 2 ? half(R - 1, 0) : v0;
       WF_DIGITS(WF_STEP)
     }
     x += 320;
     if (b + 2 < blocks) {  // not a last group of one or two blocks (K = 2560 ends with two)
-      __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)blk[2])),
-                                     _mm256_loadu_si256((const __m256i*)blk[3]), 1);
+      __m512i v0 = half(0, 2), v1 = R == 2 ? half(R - 1, 2) : v0;
       WF_DIGITS(WF_STEP)
     }
     x += 320;
-    // Bytes 32..53 of each block (qs[32:48], qh, the scale) in the 32-byte quarters of two
-    // vectors; two word permutes gather qs[32:48] of the four blocks, and their qh into every
-    // 16-byte lane.
-    const __mmask32 tail = 0x3FFFFF;  // 22 bytes: nothing past the block is read
-    const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(tail, blk[0] + 32)),
-                                          _mm256_maskz_loadu_epi8(tail, blk[1] + 32), 1);
-    const __m512i cd = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(tail, blk[2] + 32)),
-                                          _mm256_maskz_loadu_epi8(tail, blk[3] + 32), 1);
+    const __m512i ab0 = upper(0, 0), cd0 = upper(0, 2);
+    const __m512i ab1 = R == 2 ? upper(R - 1, 0) : ab0, cd1 = R == 2 ? upper(R - 1, 2) : cd0;
     {
-      __m512i v = _mm512_permutex2var_epi16(ab, qs1_words, cd);
+      __m512i v0 = _mm512_permutex2var_epi16(ab0, qs1_words, cd0), v1 = _mm512_permutex2var_epi16(ab1, qs1_words, cd1);
       WF_DIGITS(WF_STEP)
     }
     // qh of the four blocks (16 bytes) in each 16-byte lane n, times 3^n by masked steps: the
     // four digits at once, against the 64 activation bytes at 960.
-    __m512i g = _mm512_permutex2var_epi16(ab, qh_words, cd);
-    for (const __mmask64 lanes : {__mmask64(0xFFFFFFFFFFFF0000ull), __mmask64(0xFFFFFFFF00000000ull),
-                                  __mmask64(0xFFFF000000000000ull)})
-      g = _mm512_mask_add_epi8(g, lanes, _mm512_add_epi8(g, g), g);
+    auto qh = [&](__m512i ab, __m512i cd) {
+      __m512i g = _mm512_permutex2var_epi16(ab, qh_words, cd);
+      for (const __mmask64 lanes : {__mmask64(0xFFFFFFFFFFFF0000ull), __mmask64(0xFFFFFFFF00000000ull),
+                                    __mmask64(0xFFFF000000000000ull)})
+        g = _mm512_mask_add_epi8(g, lanes, _mm512_add_epi8(g, g), g);
+      return g;
+    };
     const __m512i a = _mm512_loadu_si512(x + 320);
-    dpbusd_reg(t0, g, a);
-    dpbusd_reg(r0, times3(g), a);
+    const __m512i g0 = qh(ab0, cd0);
+    dpbusd_reg(t0, g0, a);
+    dpbusd_reg(r0, times3(g0), a);
+    if constexpr (R == 2) {
+      const __m512i g1 = qh(ab1, cd1);
+      dpbusd_reg(u0, g1, a);
+      dpbusd_reg(s0, times3(g1), a);
+    }
   }
   // Each lane of 3 t - r is 256 times its share of the sum: exact, so shift, then add up.
   auto lanes = [](__m512i t, __m512i r) { return _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(t, t), t), r); };
-  __m512i z = _mm512_setzero_si512();
-#define WF_SUM(n) z = _mm512_add_epi32(z, lanes(t##n, r##n));
+  __m512i z0 = _mm512_setzero_si512(), z1 = z0;
+#define WF_SUM(n)                                 \
+  z0 = _mm512_add_epi32(z0, lanes(t##n, r##n));   \
+  if constexpr (R == 2) z1 = _mm512_add_epi32(z1, lanes(u##n, s##n));
   WF_DIGITS(WF_SUM)
 #undef WF_SUM
 #undef WF_STEP
 #undef WF_DECL
 #undef WF_DIGITS
-  return _mm512_reduce_add_epi32(_mm512_srai_epi32(z, 8));
+  dots[0] = _mm512_reduce_add_epi32(_mm512_srai_epi32(z0, 8));
+  if constexpr (R == 2) dots[1] = _mm512_reduce_add_epi32(_mm512_srai_epi32(z1, 8));
 }
 
 // The digits (0, 1, 2) of one TQ1_0 row, K bytes in natural order.
@@ -709,8 +734,17 @@ void tq1_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
   if (N == 1) {
     const int64_t head = std::min<int64_t>(kPrefetchBytes, (m1 - m0) * row_bytes);
     for (int64_t off = 0; off < head; off += 64) _mm_prefetch((const char*)(W + m0 * row_bytes + off), _MM_HINT_T2);
-    for (int64_t m = m0; m < m1; ++m)
-      out[m] = i2s_rescale(tq1_gemv_row(acts, K, W + m * row_bytes), rowsum[0], x_scale[0], w_scale);
+    int32_t dots[2];
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) {
+      tq1_gemv_rows<2>(acts, K, W + m * row_bytes, row_bytes, dots);
+      out[m] = i2s_rescale(dots[0], rowsum[0], x_scale[0], w_scale);
+      out[m + 1] = i2s_rescale(dots[1], rowsum[0], x_scale[0], w_scale);
+    }
+    if (m < m1) {
+      tq1_gemv_rows<1>(acts, K, W + m * row_bytes, row_bytes, dots);
+      out[m] = i2s_rescale(dots[0], rowsum[0], x_scale[0], w_scale);
+    }
     return;
   }
   // Two rows or more: bands of digits, as the I2_S prefill, whatever N (TQ1_0 has no small-N tiles).
