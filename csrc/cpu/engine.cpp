@@ -173,7 +173,7 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
   }
   if (s == 0.0f) s = 1.0f;  // all zeros
   s *= extra;
-  if (t->type == gguf::kTQ1_0 && has_native_tq1_0()) {  // run as stored: no copy, no repacking
+  if (t->type == gguf::kTQ1_0 && has_native_tq1_0() && K <= kTq1MaxK) {  // run as stored: no copy
     p.fmt = TernaryFormat::TQ1_0;
     p.packed = t->data;
     p.scale = s;

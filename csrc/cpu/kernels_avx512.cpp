@@ -573,7 +573,7 @@ int32_t tq1_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
 // intrinsic, GCC 12 copies every accumulator around each one and spills them.
 inline void dpbusd_reg(__m512i& acc, __m512i x, __m512i a) { __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(a)); }
 
-// Word indices into [ab | cd] (tq1_gemv_row), where block h's bytes 32.. start at word 16h: its
+// Word indices into [ab | cd] (tq1_gemv_rows), where block h's bytes 32.. start at word 16h: its
 // qs[32:48] are words 16h..16h+7, its qh words 16h+8, 16h+9. (Arrays, not vectors: a vector
 // constant at namespace scope would run AVX-512 code when the library loads, on any CPU.)
 alignas(64) constexpr int16_t kTq1Qs1Words[32] = {0,  1,  2,  3,  4,  5,  6,  7,  16, 17, 18, 19, 20, 21, 22, 23,
