@@ -155,3 +155,16 @@ def test_tq1_0_matmul_bad_sizes():
     q, x_scale = int8_acts(2, 384)
     with pytest.raises(ValueError, match="multiple of 256"):
         tq1_0_matmul(q, x_scale, tq1, 3, 1.0)
+
+
+def test_tq1_0_matmul_longest_row(isa):
+    # K = 2^19, the limit: all codes +1 against -128 everywhere puts -2^31 in one int32 lane of the
+    # one-row path, exactly; one block more is refused
+    k = 1 << 19
+    tq1 = ops.pack(torch.ones(1, k, dtype=torch.int8), torch.tensor(1.0), "tq1_0")
+    q = torch.full((1, k), -128, dtype=torch.int8)
+    assert tq1_0_matmul(q, torch.ones(1), tq1, 1, 1.0).item() == -128.0 * k
+    k += 256
+    tq1 = ops.pack(torch.ones(1, k, dtype=torch.int8), torch.tensor(1.0), "tq1_0")
+    with pytest.raises(ValueError, match="limit of 2\\^19"):
+        tq1_0_matmul(torch.zeros(1, k, dtype=torch.int8), torch.ones(1), tq1, 1, 1.0)

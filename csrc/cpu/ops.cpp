@@ -129,8 +129,7 @@ void ternary_matmul_multi(TernaryFormat fmt, const int8_t* q, const float* x_sca
   const bool tq1 = fmt == TernaryFormat::TQ1_0;
   const FormatInfo& fi = format_info(tq1 ? "tq1_0" : "i2_s");
   if (K % fi.block_values) fail("K=" + std::to_string(K) + " is not a multiple of " + std::to_string(fi.block_values));
-  // 3 * sum x a of a TQ1_0 row must fit in an int32 lane (tq1_gemv_rows).
-  if (tq1 && K > kTq1MaxK) fail("K=" + std::to_string(K) + " is over the TQ1_0 matmul's limit of 2^21");
+  if (tq1 && K > kTq1MaxK) fail("K=" + std::to_string(K) + " is over the TQ1_0 matmul's limit of 2^19");
   auto prepare = tq1 ? k.tq1_prepare_row : k.i2s_prepare_row;
   auto gemm = tq1 ? k.tq1_gemm : k.i2s_gemm;
   // The activations in the layout the gemm reads: q itself from natural_rows rows up, else a

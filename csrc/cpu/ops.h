@@ -31,8 +31,9 @@ void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, con
 // The same product over TQ1_0 weights (K a multiple of 256, K / 256 * 54 bytes a row) with the
 // tensor's one scale w_scale. has_native_tq1_0: the active ISA has a fast one (AVX-512), so the
 // engine runs TQ1_0 files as stored; elsewhere this is portable scalar code.
-// K is at most kTq1MaxK (3 * sum x a of a row stays in an int32 lane).
-constexpr int64_t kTq1MaxK = int64_t(1) << 21;
+// K is at most kTq1MaxK: the one-row path keeps 256 times each lane's share of the sum in an
+// int32 lane, at most 256 * 2 * 128 * K / 16.
+constexpr int64_t kTq1MaxK = int64_t(1) << 19;
 void tq1_0_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
                   int64_t packed_nbytes, int64_t M, float w_scale, float* out);
 bool has_native_tq1_0();
