@@ -275,3 +275,22 @@ def test_foreign_and_incomplete_files(i2s_file, tmp_path):
         _C.Engine(str(text), 16, "f16")
     with pytest.raises(ValueError, match="cannot open"):
         _C.Engine(str(tmp_path / "absent.gguf"), 16, "f16")
+
+
+@pytest.mark.parametrize("outtype", ["tq2_0", "tq1_0"])
+def test_block_scales_must_agree(tokenizer, tmp_path, outtype):
+    """Both ternary kernels keep one scale per tensor: a TQ file whose blocks in one tensor carry two
+    different scales is refused at load, naming the tensor (a block of zeros may carry 0)."""
+    path = tmp_path / f"tiny-{outtype}.gguf"
+    export_gguf(reference_model(tokenizer, outtype), path, outtype, tokenizer=tokenizer)
+    reader = gguf.GGUFReader(path)
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    block = {"tq2_0": 66, "tq1_0": 54}[outtype]
+    blob = bytearray(path.read_bytes())
+    at = int(t.data_offset) + 2 * block - 2  # the second block's fp16 scale
+    scale = np.frombuffer(bytes(blob[at : at + 2]), dtype=np.float16)[0]
+    blob[at : at + 2] = np.float16(scale * 2).tobytes()
+    bad = tmp_path / "mixed.gguf"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight: its .* blocks have different scales"):
+        _C.Engine(str(bad), 16, "f16")
