@@ -182,17 +182,12 @@ def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w.T
 
 
-def core_i2s_matmul(q: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, m: int, out: torch.Tensor) -> None:
-    """The C++ kernel called directly, as the inference engine calls it: no Python op wrapper
-    (argument checks, dispatch, output allocation), whose fixed cost is reported separately."""
-    n, k = q.shape
-    _C.i2s_matmul(q.data_ptr(), x_scale.data_ptr(), n, k, packed.data_ptr(), packed.numel(), m, out.data_ptr())
-
-
-def core_matmul_timer(fmt: str) -> Callable[[list[tuple], int], list[float]]:
-    """The core matmul's calls on ``(q, x_scale, packed, m, out)`` timed in C++, back to back as the
-    engine makes them: a Python call costs about 1.5 us, 10% of a (2560, 640) decode matmul. Only the
-    packed weight rotates. TQ1_0's scale is 1: it only scales the output."""
+def core_matmul(fmt: str, args: tuple, **kw) -> Provider:
+    """The C++ ``fmt`` ("i2_s" or "tq1_0") matmul on ``args = (q, x_scale, packed, m, out)``, as the
+    inference engine calls it: no Python op wrapper (argument checks, dispatch, output allocation),
+    whose fixed cost is reported separately. Its calls are timed in C++, back to back as the engine
+    makes them (a Python call costs about 1.5 us, 10% of a (2560, 640) decode matmul); only the packed
+    weight rotates. TQ1_0's scale is 1: it only scales the output."""
 
     def timer(arg_sets: list[tuple], reps: int) -> list[float]:
         q, x_scale, packed, m, out = arg_sets[0]
@@ -202,12 +197,7 @@ def core_matmul_timer(fmt: str) -> Callable[[list[tuple], int], list[float]]:
             fmt, q.data_ptr(), x_scale.data_ptr(), n, k, ptrs, packed.numel(), m, 1.0, out.data_ptr(), reps
         )
 
-    return timer
-
-
-def core_tq1_0_matmul(q: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, m: int, out: torch.Tensor) -> None:
-    n, k = q.shape
-    _C.tq1_0_matmul(q.data_ptr(), x_scale.data_ptr(), n, k, packed.data_ptr(), packed.numel(), m, 1.0, out.data_ptr())
+    return Provider(lambda *a: timer([a], 1), args, rotate=(2,), timer=timer, **kw)
 
 
 def packed_bytes(fmt: str, m: int, k: int) -> int:
@@ -266,9 +256,7 @@ def _matmul_cases(kernel: str, ours: Callable, ref: Callable, float_input: bool)
             providers = {"wrinklefree": Provider(ours, args, rotate=(packed_at,))}
             if not float_input:
                 out = torch.empty(n, m)
-                providers["wrinklefree_core"] = Provider(
-                    core_i2s_matmul, (*args, out), rotate=(packed_at,), timer=core_matmul_timer("i2_s")
-                )
+                providers["wrinklefree_core"] = core_matmul("i2_s", (*args, out))
             fp32 = Provider(
                 fp32_matmul,
                 (x, wt.w),
@@ -315,19 +303,15 @@ def tq1_0_matmul_cases(s: Settings) -> Iterator[Case]:
                 kernel="tq1_0_matmul",
                 shape={"N": n, "K": k, "M": m},
                 providers={
-                    "wrinklefree_core": Provider(
-                        core_tq1_0_matmul,
+                    "wrinklefree_core": core_matmul(
+                        "tq1_0",
                         (q, x_scale, tq1, m, out),
-                        rotate=(2,),
-                        timer=core_matmul_timer("tq1_0"),
                         nbytes=tq1.numel() + n * k + 4 * n * m,
                         stream_bytes=tq1.numel(),
                     ),
-                    "i2s_core": Provider(
-                        core_i2s_matmul,
+                    "i2s_core": core_matmul(
+                        "i2_s",
                         (q, x_scale, wt.packed, m, out),
-                        rotate=(2,),
-                        timer=core_matmul_timer("i2_s"),
                         nbytes=wt.packed.numel() + n * k + 4 * n * m,
                         stream_bytes=wt.packed.numel(),
                     ),

@@ -86,12 +86,12 @@ def test_core_matmul_timer_runs_the_kernel_on_each_copy(bench, small, monkeypatc
     sets, _ = bench.rotated_args(core)
     assert len(sets) > 1
     q, x_scale, packed, m, out = core.args
-    times = bench.core_matmul_timer("i2_s")(sets, 5)
+    times = core.timer(sets, 5)
     assert len(times) == 5 and all(t > 0 for t in times)
     want = bench.ops.i2s_matmul(q, x_scale, packed, m)
     assert torch.equal(out, want)
     out.zero_()
-    bench.core_matmul_timer("i2_s")(sets[1:2], 1)
+    core.fn(*sets[1])
     assert torch.equal(out, want)
     rows = bench.run_case(case, small, int8_peak=1e12)
     assert next(r for r in rows if r["provider"] == "wrinklefree_core")["median_ms"] > 0

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 import sys
 
 import pytest
@@ -584,3 +585,14 @@ def test_adamw8bit_runs_on_cpu_with_8bit_moments_and_tracks_adamw():
     assert final8 < 0.1 * losses[0] and abs(final8 - losses[-1]) < 0.5 * losses[-1] + 1e-3
     w8, w32 = model[0].weight.detach(), twin[0].weight.detach()
     assert (w8 - w32).norm() < 0.1 * w32.norm()  # the same steps, up to the moments' quantization
+
+
+def test_adamw8bit_on_cpu_needs_bitsandbytes_0_50(monkeypatch):
+    # bitsandbytes' CPU backend has the 8-bit optimizers from 0.50; an older one is refused, naming both
+    import bitsandbytes
+
+    model = nn.Linear(8, 8)
+    for old in ("0.49.2", "0.45.0.dev0"):
+        monkeypatch.setattr(bitsandbytes, "__version__", old)
+        with pytest.raises(ValueError, match=rf">= 0\.50 .*found {re.escape(old)}"):
+            build_optimizer(model, {"type": "adamw8bit", "lr": 1e-3})

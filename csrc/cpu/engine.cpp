@@ -155,16 +155,14 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
     f.error("tensor " + name + " has type " + gguf::type_name(t->type) +
             "; the engine runs ternary projections in I2_S, TQ2_0 or TQ1_0");
   // Both kernels keep one scale for the tensor: every block scale must be that scale (or 0, for a
-  // block of zeros, as ggml's quantizer writes it). The fp16 scale ends each block.
+  // block of zeros, as ggml's quantizer writes it).
   const FormatInfo& fi = format_info(fmt);
   if (t->nbytes != packed_bytes(fi, M, K))
     f.error("tensor " + name + " holds " + std::to_string(t->nbytes) + " bytes, not the " +
             std::to_string(packed_bytes(fi, M, K)) + " of " + fmt + " [" + std::to_string(M) + ", " + std::to_string(K) + "]");
   float s = 0.0f;
   for (int64_t b = 0; b < M * K / fi.block_values; ++b) {
-    uint16_t h;
-    std::memcpy(&h, t->data + (b + 1) * fi.block_bytes - 2, 2);
-    const float d = f16_to_f32(h);
+    const float d = block_scale(fi, t->data, b);
     if (d == 0.0f) continue;
     if (s == 0.0f) s = d;
     if (d != s)

@@ -133,6 +133,12 @@ void pack(const FormatInfo& f, const int8_t* codes, int64_t M, int64_t K, const 
   }
 }
 
+float block_scale(const FormatInfo& f, const uint8_t* buf, int64_t block) {
+  uint16_t h;
+  std::memcpy(&h, buf + (block + 1) * f.block_bytes - 2, 2);
+  return f16_to_f32(h);
+}
+
 void unpack(const FormatInfo& f, const uint8_t* buf, int64_t nbytes, int64_t M, int64_t K, int8_t* codes,
             float* scales) {
   const int64_t total = packed_bytes(f, M, K);
@@ -140,18 +146,13 @@ void unpack(const FormatInfo& f, const uint8_t* buf, int64_t nbytes, int64_t M, 
     fail("buf holds " + std::to_string(nbytes) + " bytes; a [" + std::to_string(M) + ", " + std::to_string(K) +
          "] " + f.name + " tensor needs " + std::to_string(total));
   const int64_t blocks_per_row = K / f.block_values;
-  const int code_bytes = f.tensor_scale ? f.block_bytes : f.block_bytes - 2;
   std::atomic<int64_t> bad_row{-1};
   parallel_for(M, M * K, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t b = 0; b < blocks_per_row; ++b) {
         const uint8_t* in = buf + (m * blocks_per_row + b) * f.block_bytes;
         if (!unpack_block(f, in, codes + m * K + b * f.block_values)) bad_row.store(m);
-        if (!f.tensor_scale) {
-          uint16_t h;
-          std::memcpy(&h, in + code_bytes, 2);
-          scales[m * blocks_per_row + b] = f16_to_f32(h);
-        }
+        if (!f.tensor_scale) scales[m * blocks_per_row + b] = block_scale(f, buf, m * blocks_per_row + b);
       }
   });
   if (bad_row.load() >= 0)

@@ -38,6 +38,9 @@ int64_t packed_bytes(const FormatInfo& f, int64_t M, int64_t K);  // validates K
 void pack(const FormatInfo& f, const int8_t* codes, int64_t M, int64_t K, const float* scales,
           int64_t n_scales, uint8_t* out);
 
+// The fp16 scale that ends block `block` (in row-major block order) of a per-block format, as float.
+float block_scale(const FormatInfo& f, const uint8_t* buf, int64_t block);
+
 // Inverse of pack. scales receives 1 value (tensor scale) or M * K / block_values.
 void unpack(const FormatInfo& f, const uint8_t* buf, int64_t nbytes, int64_t M, int64_t K, int8_t* codes,
             float* scales);

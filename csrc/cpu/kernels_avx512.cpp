@@ -472,39 +472,54 @@ const std::array<std::array<TileFn, kMaxC>, kMaxR> kTiles = {
     tile_row<1>(std::make_integer_sequence<int, kMaxC>{}), tile_row<2>(std::make_integer_sequence<int, kMaxC>{}),
     tile_row<3>(std::make_integer_sequence<int, kMaxC>{}), tile_row<4>(std::make_integer_sequence<int, kMaxC>{})};
 
+// The first kPrefetchBytes of weight rows [m0, m1), which the one-row paths' in-loop prefetch
+// (kPrefetchBytes ahead) does not cover: requested at the start of a call, to start the stream.
+inline void prefetch_head(const uint8_t* W, int64_t row_bytes, int64_t m0, int64_t m1) {
+  const int64_t head = std::min<int64_t>(kPrefetchBytes, (m1 - m0) * row_bytes);
+  for (int64_t off = 0; off < head; off += 64) _mm_prefetch((const char*)(W + m0 * row_bytes + off), _MM_HINT_T2);
+}
+
+// Prefill over weight rows [m0, m1) in bands of kBand rows: unpack(band's first row, rows, buf)
+// writes a band in unpack_band's layout, which band_tile multiplies by every 8 activation rows.
+template <typename Unpack>
+void band_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
+               const uint8_t* W, int64_t row_bytes, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo,
+               Unpack&& unpack) {
+  uint8_t* buf = scratch<1>(K * 32);  // one unpacked band
+  const int64_t tiles = (N + kBandTileRows - 1) / kBandTileRows;
+  // The first band: all its lines requested at once rather than as the unpacking reaches them.
+  for (int64_t o = 0; o < std::min<int64_t>(kBand, m1 - m0) * row_bytes; o += 64)
+    _mm_prefetch((const char*)(W + m0 * row_bytes + o), _MM_HINT_T0);
+  for (int64_t m = m0; m < m1; m += kBand) {
+    const int64_t rows = std::min<int64_t>(kBand, m1 - m);
+    unpack(W + m * row_bytes, rows, buf);
+    // The next band's weights, one slice per tile, into L2: unpacking 16 rows of cold weights
+    // otherwise waits on memory for about as long as it computes (measured: 10% of the I2_S
+    // matmul's time at N = 128 without, 5% with).
+    const uint8_t* next = W + (m + kBand) * row_bytes;
+    const int64_t next_bytes = std::clamp<int64_t>(m1 - m - kBand, 0, kBand) * row_bytes;
+    const int64_t slice = (next_bytes / tiles + 63) / 64 * 64;
+    for (int64_t n = 0, t = 0; n < N; n += kBandTileRows, ++t) {
+      for (int64_t o = t * slice; o < std::min(next_bytes, (t + 1) * slice); o += 64)
+        _mm_prefetch((const char*)(next + o), _MM_HINT_T1);
+      band_tile(acts + n * K, K, std::min<int64_t>(kBandTileRows, N - n), buf, rowsum + n, x_scale + n, w_scale, rows,
+                out + n * ldo + m, ldo);
+    }
+  }
+}
+
 void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
               const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
   const int64_t row_bytes = K / 4;
   if (N == 1) {
-    // Start the stream: the first kPrefetchBytes are not covered by the in-loop prefetch.
-    const int64_t head = std::min<int64_t>(kPrefetchBytes, (m1 - m0) * row_bytes);
-    for (int64_t off = 0; off < head; off += 64) _mm_prefetch((const char*)(W + m0 * row_bytes + off), _MM_HINT_T2);
+    prefetch_head(W, row_bytes, m0, m1);
     for (int64_t m = m0; m < m1; ++m)
       out[m] = i2s_rescale(gemv_row(acts, K, W + m * row_bytes), rowsum[0], x_scale[0], w_scale);
     return;
   }
   if (N >= kBandMinRows) {
-    uint8_t* buf = scratch<1>(K * 32);  // one unpacked band
-    const int64_t tiles = (N + kBandTileRows - 1) / kBandTileRows;
-    // The first band: all its lines requested at once rather than as unpack_band reaches them.
-    for (int64_t o = 0; o < std::min<int64_t>(kBand, m1 - m0) * row_bytes; o += 64)
-      _mm_prefetch((const char*)(W + m0 * row_bytes + o), _MM_HINT_T0);
-    for (int64_t m = m0; m < m1; m += kBand) {
-      const int64_t rows = std::min<int64_t>(kBand, m1 - m);
-      unpack_band(W + m * row_bytes, row_bytes, K, rows, buf);
-      // The next band's weights, one slice per tile, into L2: unpacking 16 rows of cold weights
-      // otherwise waits on memory for about as long as it computes (measured: 10% of the matmul's
-      // time at N = 128 without, 5% with).
-      const uint8_t* next = W + (m + kBand) * row_bytes;
-      const int64_t next_bytes = std::clamp<int64_t>(m1 - m - kBand, 0, kBand) * row_bytes;
-      const int64_t slice = (next_bytes / tiles + 63) / 64 * 64;
-      for (int64_t n = 0, t = 0; n < N; n += kBandTileRows, ++t) {
-        for (int64_t o = t * slice; o < std::min(next_bytes, (t + 1) * slice); o += 64)
-          _mm_prefetch((const char*)(next + o), _MM_HINT_T1);
-        band_tile(acts + n * K, K, std::min<int64_t>(kBandTileRows, N - n), buf, rowsum + n, x_scale + n, w_scale, rows,
-                  out + n * ldo + m, ldo);
-      }
-    }
+    band_gemm(acts, rowsum, x_scale, N, K, W, row_bytes, w_scale, m0, m1, out, ldo,
+              [&](const uint8_t* w, int64_t rows, uint8_t* buf) { unpack_band(w, row_bytes, K, rows, buf); });
     return;
   }
   // A few activation rows: 4 x 4 tiles that unpack the codes in the inner loop; each unpacked
@@ -732,8 +747,7 @@ void tq1_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
               const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
   const int64_t row_bytes = K / 256 * kTq1BlockBytes;
   if (N == 1) {
-    const int64_t head = std::min<int64_t>(kPrefetchBytes, (m1 - m0) * row_bytes);
-    for (int64_t off = 0; off < head; off += 64) _mm_prefetch((const char*)(W + m0 * row_bytes + off), _MM_HINT_T2);
+    prefetch_head(W, row_bytes, m0, m1);
     int32_t dots[2];
     int64_t m = m0;
     for (; m + 2 <= m1; m += 2) {
@@ -747,16 +761,10 @@ void tq1_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
     }
     return;
   }
-  // Two rows or more: bands of digits, as the I2_S prefill, whatever N (TQ1_0 has no small-N tiles).
-  uint8_t* buf = scratch<1>(K * 32);
+  // Two rows or more: the I2_S prefill over bands of digits, whatever N (TQ1_0 has no small-N tiles).
   uint8_t* digits = scratch<2>(K * 32);
-  for (int64_t m = m0; m < m1; m += kBand) {
-    const int64_t rows = std::min<int64_t>(kBand, m1 - m);
-    tq1_band(W + m * row_bytes, row_bytes, K, rows, digits, buf);
-    for (int64_t n = 0; n < N; n += kBandTileRows)
-      band_tile(acts + n * K, K, std::min<int64_t>(kBandTileRows, N - n), buf, rowsum + n, x_scale + n, w_scale, rows,
-                out + n * ldo + m, ldo);
-  }
+  band_gemm(acts, rowsum, x_scale, N, K, W, row_bytes, w_scale, m0, m1, out, ldo,
+            [&](const uint8_t* w, int64_t rows, uint8_t* buf) { tq1_band(w, row_bytes, K, rows, digits, buf); });
 }
 
 // ---- engine float kernels -----------------------------------------------------------------------

@@ -103,16 +103,6 @@ def split_params(model: nn.Module, muon: bool = False) -> dict[str, list[tuple[s
     return groups
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """``"0.50.2"`` -> ``(0, 50, 2)``; stops at the first part that is not a number (``"1.0.dev1"`` -> ``(1, 0)``)."""
-    parts = []
-    for part in version.split("."):
-        if not part.isdigit():
-            break
-        parts.append(int(part))
-    return tuple(parts)
-
-
 def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg["type"]`` over ``model``'s trainable parameters.
 
@@ -163,10 +153,12 @@ def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
                 "optimizer type 'adamw8bit' needs bitsandbytes (`pip install bitsandbytes`); use type 'adamw' "
                 "without it"
             ) from err
+        from packaging.version import Version  # a dependency of bitsandbytes
+
         devices = {p.device.type for p in params}
         if not devices <= {"cuda", "cpu"}:
             raise ValueError(f"optimizer type 'adamw8bit' runs on CUDA or CPU, not {sorted(devices - {'cuda', 'cpu'})}")
-        if "cpu" in devices and _version_tuple(bitsandbytes.__version__) < (0, 50):
+        if "cpu" in devices and Version(bitsandbytes.__version__) < Version("0.50"):
             raise ValueError(
                 f"optimizer type 'adamw8bit' on CPU needs bitsandbytes >= 0.50 (its CPU backend), found "
                 f"{bitsandbytes.__version__}; upgrade it or use type 'adamw'"
