@@ -248,7 +248,8 @@ void Model::load_weights(const std::string& head) {
         for (int64_t m = b0 + r0; m < b0 + r1; ++m) {
           int8_t* q = head_i8_.data() + m * D;
           float s;
-          kern.act_quant_row(h->data + m * row_bytes, dt, D, q, &s);
+          const uint8_t* next = m + 1 < b0 + r1 ? h->data + (m + 1) * row_bytes : nullptr;
+          kern.act_quant_row(h->data + m * row_bytes, dt, D, q, &s, next);
           head_i8_scale_[size_t(m)] = 1.0f / s;
           head_i8_sum_[size_t(m)] = std::accumulate(q, q + D, int32_t(0));
         }

@@ -20,11 +20,14 @@ struct Kernels {
   void (*ternary_round)(const void* w, DType dt, int64_t n, float inv, int8_t* out);
 
   // One row of K: scale = 127 / max(max|x|, 1e-5); q = clamp(round(x * scale), -128, 127).
-  void (*act_quant_row)(const void* x, DType dt, int64_t K, int8_t* q, float* scale);
+  // next, if not nullptr, is the row of K the caller quantizes after this one: a hint, which the
+  // AVX-512 kernels prefetch into L2 during the pass over this row that reads from cache, so that
+  // memory keeps streaming while they compute. It changes no result.
+  void (*act_quant_row)(const void* x, DType dt, int64_t K, int8_t* q, float* scale, const void* next);
 
-  // One row: y = (x * inv_rms) * w in float32, then act_quant_row(y). w is float32.
+  // One row: y = (x * inv_rms) * w in float32, then act_quant_row(y). w is float32; next as above.
   void (*norm_quant_row)(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
-                         float* scale);
+                         float* scale, const void* next);
 
   // I2_S matmul, in two steps. i2s_prepare_row returns the sum of one int8 activation row of K
   // and, unless out is nullptr, copies the row into the layout this ISA's gemm reads (K bytes).

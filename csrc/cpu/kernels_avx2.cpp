@@ -96,14 +96,14 @@ inline void absmax_quantize(int64_t K, int8_t* q, float* scale, Value value) {
   }
 }
 
-void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale) {
+void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale, const void* /*next*/) {
   dispatch_dtype(dt, [&]<DType D>() {
     absmax_quantize(K, q, scale, [&](int64_t i, int64_t c) { return load8<D>(x, i, c); });
   });
 }
 
 void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
-                    float* scale) {
+                    float* scale, const void* /*next*/) {
   dispatch_dtype(dt, [&]<DType D>() {
     const __m256 vinv = _mm256_set1_ps(inv_rms);
     absmax_quantize(K, q, scale, [&](int64_t i, int64_t c) {

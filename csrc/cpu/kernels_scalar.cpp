@@ -29,7 +29,7 @@ void quantize_with_absmax(float amax, int64_t K, int8_t* q, float* scale, auto&&
   for (int64_t k = 0; k < K; ++k) q[k] = round_clamp(value(k) * s, -128.0f, 127.0f);
 }
 
-void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale) {
+void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale, const void* /*next*/) {
   dispatch_dtype(dt, [&]<DType D>() {
     float amax = 0.0f;
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(load_f32<D>(x, k)));
@@ -38,7 +38,7 @@ void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale) 
 }
 
 void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
-                    float* scale) {
+                    float* scale, const void* /*next*/) {
   dispatch_dtype(dt, [&]<DType D>() {
     auto y = [&](int64_t k) { return (load_f32<D>(x, k) * inv_rms) * w[k]; };
     float amax = 0.0f;

@@ -69,8 +69,10 @@ void act_quant_int8(const void* x, DType dt, int64_t N, int64_t K, int8_t* q, fl
   const Kernels& k = active_kernels();
   const size_t row = size_t(K) * dtype_size(dt);
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      k.act_quant_row(static_cast<const uint8_t*>(x) + n * row, dt, K, q + n * K, scale + n);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* xr = static_cast<const uint8_t*>(x) + n * row;
+      k.act_quant_row(xr, dt, K, q + n * K, scale + n, n + 1 < n1 ? xr + row : nullptr);
+    }
   });
 }
 
@@ -86,7 +88,7 @@ void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64
       const uint8_t* xr = static_cast<const uint8_t*>(x) + n * row;
       const float inv = rms_inv(k, xr, dt, K, eps);
       if (inv_rms) inv_rms[n] = inv;
-      k.norm_quant_row(xr, dt, w, K, inv, q + n * K, scale + n);
+      k.norm_quant_row(xr, dt, w, K, inv, q + n * K, scale + n, n + 1 < n1 ? xr + row : nullptr);
     }
   });
 }
