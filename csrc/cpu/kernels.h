@@ -13,21 +13,22 @@ struct Kernels {
   const char* name;
 
   // Pairwise sum (common.h) of |x[i]| (or x[i]^2 when squares) over n <= kPairChunk elements, in
-  // double; pairwise_sum in ops.h extends it to any n.
-  double (*chunk_sum)(const void* x, DType dt, int64_t n, bool squares);
+  // double; pairwise_sum in ops.h extends it to any n. next, if not nullptr, is the n elements
+  // the caller reads after these: a hint, which the AVX-512 kernels prefetch as they go (one
+  // stride ahead of their own reads, so memory streams through the cached passes that follow).
+  // Hints change no result.
+  double (*chunk_sum)(const void* x, DType dt, int64_t n, bool squares, const void* next);
 
   // out[i] = clamp(round(w[i] * inv), -1, 1) for n elements.
   void (*ternary_round)(const void* w, DType dt, int64_t n, float inv, int8_t* out);
 
   // One row of K: scale = 127 / max(max|x|, 1e-5); q = clamp(round(x * scale), -128, 127).
-  // next, if not nullptr, is the row of K the caller quantizes after this one: a hint, which the
-  // AVX-512 kernels prefetch into L2 during the pass over this row that reads from cache, so that
-  // memory keeps streaming while they compute. It changes no result.
+  // next: the row the caller quantizes after this one, a hint as in chunk_sum.
   void (*act_quant_row)(const void* x, DType dt, int64_t K, int8_t* q, float* scale, const void* next);
 
-  // One row: y = (x * inv_rms) * w in float32, then act_quant_row(y). w is float32; next as above.
+  // One row: y = (x * inv_rms) * w in float32, then act_quant_row(y). w is float32.
   void (*norm_quant_row)(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
-                         float* scale, const void* next);
+                         float* scale);
 
   // I2_S matmul, in two steps. i2s_prepare_row returns the sum of one int8 activation row of K
   // and, unless out is nullptr, copies the row into the layout this ISA's gemm reads (K bytes).
@@ -119,20 +120,23 @@ namespace avx2 { const Kernels& kernels(); }
 namespace avx512 { const Kernels& kernels(); }
 
 // Pairwise sum (common.h) of |x[i]| (or x[i]^2) over any n >= 0 elements: k.chunk_sum on blocks
-// of kPairChunk, combined pairwise.
-inline double pairwise_sum(const Kernels& k, const void* x, DType dt, int64_t n, bool squares) {
+// of kPairChunk, combined pairwise. next: the n elements read after these (a hint, or nullptr).
+inline double pairwise_sum(const Kernels& k, const void* x, DType dt, int64_t n, bool squares,
+                           const void* next = nullptr) {
   const auto* base = static_cast<const uint8_t*>(x);
+  const auto* after = static_cast<const uint8_t*>(next);
   const size_t es = dtype_size(dt);
   PairwiseAccumulator acc;
   for (int64_t b = 0; b < n; b += kPairChunk)
-    acc.add(k.chunk_sum(base + b * es, dt, std::min(kPairChunk, n - b), squares));
+    acc.add(k.chunk_sum(base + b * es, dt, std::min(kPairChunk, n - b), squares, after ? after + b * es : nullptr));
   return acc.result();
 }
 
 // RMSNorm's 1 / sqrt(mean(x^2) + eps) of one row of K (DESIGN.md section 2; reference.rms_inv):
 // the pairwise sum, the division and the square root in double, rounded once to float.
-inline float rms_inv(const Kernels& k, const void* x, DType dt, int64_t K, double eps) {
-  return float(1.0 / std::sqrt(pairwise_sum(k, x, dt, K, /*squares=*/true) / double(K) + eps));
+// next: the row read after this one (a hint, or nullptr).
+inline float rms_inv(const Kernels& k, const void* x, DType dt, int64_t K, double eps, const void* next = nullptr) {
+  return float(1.0 / std::sqrt(pairwise_sum(k, x, dt, K, /*squares=*/true, next) / double(K) + eps));
 }
 
 

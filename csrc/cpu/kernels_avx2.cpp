@@ -50,7 +50,7 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-double chunk_sum(const void* x, DType dt, int64_t n, bool squares) {
+double chunk_sum(const void* x, DType dt, int64_t n, bool squares, const void* /*next*/) {
   return dispatch_dtype(dt, [&]<DType D>() { return chunk_sum_generic<D>(x, n, squares); });
 }
 
@@ -103,7 +103,7 @@ void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale, 
 }
 
 void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
-                    float* scale, const void* /*next*/) {
+                    float* scale) {
   dispatch_dtype(dt, [&]<DType D>() {
     const __m256 vinv = _mm256_set1_ps(inv_rms);
     absmax_quantize(K, q, scale, [&](int64_t i, int64_t c) {

@@ -8,7 +8,7 @@
 namespace wf::scalar {
 namespace {
 
-double chunk_sum(const void* x, DType dt, int64_t n, bool squares) {
+double chunk_sum(const void* x, DType dt, int64_t n, bool squares, const void* /*next*/) {
   return dispatch_dtype(dt, [&]<DType D>() { return chunk_sum_generic<D>(x, n, squares); });
 }
 
@@ -38,7 +38,7 @@ void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale, 
 }
 
 void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
-                    float* scale, const void* /*next*/) {
+                    float* scale) {
   dispatch_dtype(dt, [&]<DType D>() {
     auto y = [&](int64_t k) { return (load_f32<D>(x, k) * inv_rms) * w[k]; };
     float amax = 0.0f;

@@ -48,7 +48,7 @@ float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes) {
   parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c * kPairChunk, len = std::min(kPairChunk, n - b);
-      partial[c] = k.chunk_sum(base + b * es, dt, len, /*squares=*/false);
+      partial[c] = k.chunk_sum(base + b * es, dt, len, /*squares=*/false, nullptr);
     }
   });
   PairwiseAccumulator acc;
@@ -86,9 +86,9 @@ void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64
   parallel_for(N, N * K, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* xr = static_cast<const uint8_t*>(x) + n * row;
-      const float inv = rms_inv(k, xr, dt, K, eps);
+      const float inv = rms_inv(k, xr, dt, K, eps, n + 1 < n1 ? xr + row : nullptr);
       if (inv_rms) inv_rms[n] = inv;
-      k.norm_quant_row(xr, dt, w, K, inv, q + n * K, scale + n, n + 1 < n1 ? xr + row : nullptr);
+      k.norm_quant_row(xr, dt, w, K, inv, q + n * K, scale + n);
     }
   });
 }
