@@ -34,7 +34,7 @@ std::string shape_str(const std::vector<int64_t>& ne) {
 void rms_norm(const Kernels& k, const float* x, const float* w, int64_t N, int64_t K, double eps, float* out) {
   for (int64_t n = 0; n < N; ++n) {
     const float* xr = x + n * K;
-    const float inv = rms_inv(k, xr, DType::F32, K, eps);
+    const float inv = rms_inv(k, xr, DType::F32, K, eps, n + 1 < N ? xr + K : nullptr);
     for (int64_t i = 0; i < K; ++i) out[n * K + i] = (xr[i] * inv) * w[i];
   }
 }
