@@ -260,7 +260,7 @@ void Model::load_weights(const std::string& head) {
 }
 
 const char* Model::ternary_format() const {
-  return !layers_.empty() && layers_[0].q.fmt == TernaryFormat::TQ1_0 ? "tq1_0" : "i2_s";
+  return format_name(layers_.empty() ? TernaryFormat::I2S : layers_[0].q.fmt);
 }
 
 void Model::truncate(int64_t n) {

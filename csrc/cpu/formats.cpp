@@ -61,7 +61,8 @@ void pack_block(const FormatInfo& f, const int8_t* c, uint8_t* out) {
   }
 }
 
-// Returns false on an invalid code.
+}  // namespace
+
 bool unpack_block(const FormatInfo& f, const uint8_t* in, int8_t* c) {
   if (f.ggml_type == 36) {
     uint8_t bad = 0;
@@ -96,8 +97,6 @@ bool unpack_block(const FormatInfo& f, const uint8_t* in, int8_t* c) {
     for (int n = 0; n < 4; ++n) c[240 + m + 4 * n] = unpack_trit(in[48 + m], n);
   return true;
 }
-
-}  // namespace
 
 void pack(const FormatInfo& f, const int8_t* codes, int64_t M, int64_t K, const float* scales, int64_t n_scales,
           uint8_t* out) {

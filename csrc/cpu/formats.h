@@ -38,6 +38,9 @@ int64_t packed_bytes(const FormatInfo& f, int64_t M, int64_t K);  // validates K
 void pack(const FormatInfo& f, const int8_t* codes, int64_t M, int64_t K, const float* scales,
           int64_t n_scales, uint8_t* out);
 
+// One block of f at `in` as codes (-1, 0, 1), block_values of them; false on an invalid code (a 2-bit 3).
+bool unpack_block(const FormatInfo& f, const uint8_t* in, int8_t* codes);
+
 // The fp16 scale that ends block `block` (in row-major block order) of a per-block format, as float.
 float block_scale(const FormatInfo& f, const uint8_t* buf, int64_t block);
 

@@ -48,11 +48,12 @@ struct Kernels {
   // TQ1_0 to I2_S at load instead; they serve a model loaded on a faster ISA. The
   // digits 0, 1, 2 stand for the codes -1, 0, +1, so out is the I2_S formula: the same D, the same
   // float step, the same bits. tq1_prepare_row returns the row's sum and, unless out is nullptr,
-  // copies it into the one-row (N = 1) layout, tq1_prepared_bytes(K) bytes; calls of 2 rows or
-  // more read the activations as they are.
+  // copies it into the layout tq1_gemm reads (at most tq1_prepared_bytes(K) bytes); calls of at
+  // least tq1_natural_rows rows read the activations as they are.
   int32_t (*tq1_prepare_row)(const int8_t* q, int64_t K, int8_t* out);
   void (*tq1_gemm)(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
                    const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo);
+  int64_t tq1_natural_rows;
   bool tq1_fast;
 
   // Float kernels of the inference engine (csrc/cpu/engine.cpp); tolerance-exact, not bit-exact

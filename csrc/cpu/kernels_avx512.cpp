@@ -940,7 +940,7 @@ int64_t int8_macs(int64_t iters) {
 
 const Kernels& kernels() {
   static const Kernels k{"avx512",       chunk_sum,        ternary_round, act_quant_row, norm_quant_row,
-                         i2s_prepare_row, i2s_gemm,        kBandMinRows,  tq1_prepare_row, tq1_gemm, /*tq1_fast=*/true,
+                         i2s_prepare_row, i2s_gemm,        kBandMinRows,  tq1_prepare_row, tq1_gemm, /*tq1_natural_rows=*/2, /*tq1_fast=*/true,
                          f16_gemm,        i8_gemm,         dot_f32,
                          axpy_f32,        glu,             read_bytes,    int8_macs};
   return k;

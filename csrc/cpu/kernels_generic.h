@@ -4,9 +4,9 @@
 #pragma once
 
 #include <cmath>
-#include <cstring>
 #include <vector>
 
+#include "cpu/formats.h"
 #include "cpu/kernels.h"
 
 namespace wf {
@@ -58,44 +58,22 @@ inline void generic_i8_gemm(const uint8_t* xu, const float* x_scale, int64_t N, 
     }
 }
 
-// TQ1_0 (kernels.h: tq1_prepare_row, tq1_gemm) for ISAs without a fast one: the engine repacks
-// TQ1_0 to I2_S on those, so this serves a model loaded under AVX-512 and then run on another
-// ISA. The activations stay in natural order; each weight row's digits are decoded to bytes.
-inline int32_t generic_tq1_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
-  int32_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) sum += q[k];
-  if (out) std::memcpy(out, q, size_t(K));
-  return sum;
-}
-
-// The K digits (0, 1, 2) of one TQ1_0 row: digit n of byte q is (3 * (q * 3^n mod 256)) >> 8.
-inline void generic_tq1_digits(const uint8_t* w, int64_t K, uint8_t* out) {
-  auto digit = [](uint8_t q, int n) {
-    uint8_t x = q;
-    for (int i = 0; i < n; ++i) x = uint8_t(x * 3);
-    return uint8_t((int(x) * 3) >> 8);
-  };
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* src = w + b * 54;
-    uint8_t* dst = out + b * 256;
-    for (int n = 0; n < 5; ++n)
-      for (int j = 0; j < 32; ++j) dst[32 * n + j] = digit(src[j], n);
-    for (int n = 0; n < 5; ++n)
-      for (int j = 0; j < 16; ++j) dst[160 + 16 * n + j] = digit(src[32 + j], n);
-    for (int n = 0; n < 4; ++n)
-      for (int j = 0; j < 4; ++j) dst[240 + 4 * n + j] = digit(src[48 + j], n);
-  }
-}
-
+// TQ1_0's gemm (kernels.h: tq1_gemm) for ISAs without a fast one: the engine repacks TQ1_0 to
+// I2_S on those, so this serves a model loaded under AVX-512 and then run on another ISA. The
+// activations stay in natural order (tq1_prepare_row is then the ISA's i2s_prepare_row); each
+// weight row is decoded with the format table's block decoder.
 inline void generic_tq1_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, int64_t N, int64_t K,
                              const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
-  thread_local std::vector<uint8_t> digits;
-  digits.resize(size_t(K));
+  const FormatInfo& tq1 = format_info("tq1_0");
+  const int64_t blocks = K / tq1.block_values;
+  thread_local std::vector<int8_t> codes;
+  codes.resize(size_t(K));
   for (int64_t m = m0; m < m1; ++m) {
-    generic_tq1_digits(W + m * (K / 256 * 54), K, digits.data());
+    for (int64_t b = 0; b < blocks; ++b)
+      unpack_block(tq1, W + (m * blocks + b) * tq1.block_bytes, codes.data() + b * tq1.block_values);
     for (int64_t n = 0; n < N; ++n) {
-      int32_t d = 0;
-      for (int64_t k = 0; k < K; ++k) d += int32_t(digits[size_t(k)]) * int32_t(acts[n * K + k]);
+      int32_t d = 0;  // sum of digit * q, digit = code + 1: the I2_S formula's D
+      for (int64_t k = 0; k < K; ++k) d += int32_t(codes[size_t(k)] + 1) * int32_t(acts[n * K + k]);
       out[n * ldo + m] = i2s_rescale(d, rowsum[n], x_scale[n], w_scale);
     }
   }

@@ -107,7 +107,7 @@ int64_t int8_macs(int64_t iters) {
 const Kernels& kernels() {
   static const Kernels k{"scalar",          chunk_sum,         ternary_round,   act_quant_row,
                          norm_quant_row,   i2s_prepare_row,  i2s_gemm,        /*i2s_natural_rows=*/1,
-                         generic_tq1_prepare_row, generic_tq1_gemm, /*tq1_fast=*/false,
+                         i2s_prepare_row, generic_tq1_gemm, /*tq1_natural_rows=*/1, /*tq1_fast=*/false,
                          generic_f16_gemm,
                          generic_i8_gemm,  generic_dot_f32,  generic_axpy_f32, generic_glu,     read_bytes,
                          int8_macs};

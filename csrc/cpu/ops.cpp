@@ -101,7 +101,7 @@ void one_matmul(TernaryFormat fmt, const char* layout, const int8_t* q, const fl
                 const uint8_t* packed, int64_t packed_nbytes, int64_t M, float w_scale, float* out) {
   check_positive("q.shape[0]", N);
   check_positive("out_features", M);
-  const char* name = fmt == TernaryFormat::TQ1_0 ? "tq1_0" : "i2_s";
+  const char* name = format_name(fmt);
   const int64_t need = packed_bytes(format_info(name), M, K);
   if (packed_nbytes != need)
     fail("packed holds " + std::to_string(packed_nbytes) + " bytes; out_features=" + std::to_string(M) +
@@ -129,14 +129,14 @@ void ternary_matmul_multi(TernaryFormat fmt, const int8_t* q, const float* x_sca
   check_positive("q.shape[0]", N);
   const Kernels& k = active_kernels();
   const bool tq1 = fmt == TernaryFormat::TQ1_0;
-  const FormatInfo& fi = format_info(tq1 ? "tq1_0" : "i2_s");
+  const FormatInfo& fi = format_info(format_name(fmt));
   if (K % fi.block_values) fail("K=" + std::to_string(K) + " is not a multiple of " + std::to_string(fi.block_values));
   if (tq1 && K > kTq1MaxK) fail("K=" + std::to_string(K) + " is over the TQ1_0 matmul's limit of 2^19");
   auto prepare = tq1 ? k.tq1_prepare_row : k.i2s_prepare_row;
   auto gemm = tq1 ? k.tq1_gemm : k.i2s_gemm;
   // The activations in the layout the gemm reads: q itself from natural_rows rows up, else a
   // prepared copy (which kernels may read up to 64 bytes past its last row).
-  const bool natural = N >= (tq1 ? 2 : k.i2s_natural_rows);
+  const bool natural = N >= (tq1 ? k.tq1_natural_rows : k.i2s_natural_rows);
   const int64_t row = tq1 ? tq1_prepared_bytes(K) : K;
   auto prepared = aligned_buffer<int8_t>(natural ? 0 : N * row + 64);
   const int8_t* acts = natural ? q : prepared.get();

@@ -42,6 +42,7 @@ bool has_native_tq1_0();
 // threads: the activations are prepared once, and the weight rows of all of them are split into
 // one list of work units. Each target writes out[N, M] (row stride M).
 enum class TernaryFormat { I2S, TQ1_0 };
+inline const char* format_name(TernaryFormat f) { return f == TernaryFormat::TQ1_0 ? "tq1_0" : "i2_s"; }
 struct TernaryTarget {
   const uint8_t* W;  // I2_S: M*K/4 code bytes, then the float32 scale; TQ1_0: M rows of K / 256 blocks
   int64_t M;
