@@ -58,10 +58,12 @@ PYBIND11_MODULE(_C, m) {
       release(), "Fixed-order float64 sum of |x| (or x^2) over n elements (ops/reference.py: pairwise_sum).");
   m.def(
       "ternary_quant",
-      [](uintptr_t w, int dt, int64_t n, uintptr_t codes) {
-        return wf::ternary_quant(ptr<const void>(w), dtype(dt), n, ptr<int8_t>(codes));
+      [](uintptr_t w, int dt, int64_t n, uintptr_t codes, float scale_hint) {
+        return wf::ternary_quant(ptr<const void>(w), dtype(dt), n, ptr<int8_t>(codes), scale_hint);
       },
-      release());
+      py::arg("w"), py::arg("dt"), py::arg("n"), py::arg("codes"), py::arg("scale_hint") = 0.0f, release(),
+      "Absmean ternary codes of n elements at w into codes; returns the scale. scale_hint: a guess at "
+      "the scale (0: estimate from a sample); it changes the speed, never the result.");
   m.def(
       "act_quant_int8",
       [](uintptr_t x, int dt, int64_t N, int64_t K, uintptr_t q, uintptr_t scale) {

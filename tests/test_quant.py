@@ -103,6 +103,89 @@ def test_ternary_quant_independent_of_threads(threads, n_threads):
     assert_same(scale, expected[1])
 
 
+def raw_ternary_quant(w, scale_hint):
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    s = _C.ternary_quant(w.data_ptr(), quant.dtype_code(w), w.numel(), codes.data_ptr(), scale_hint)
+    return codes, torch.tensor(s, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("factor", [1.0, 1.004, 0.996, 3.0, 1 / 3])
+def test_ternary_quant_scale_hint_never_changes_the_result(isa, dtype, factor):
+    # The single read: codes at the hinted scale, then the band of weights whose code the true
+    # scale could change rounded again (hints 0.4% off), or all of them (hints far off).
+    w = (torch.randn(301, 1037) * 0.02).to(dtype)
+    ref_codes, ref_scale = reference.ternary_quant(w)
+    hint = ref_scale.item() * factor
+    codes, scale = raw_ternary_quant(w, hint)
+    assert_same(codes, ref_codes)
+    assert_same(scale, ref_scale)
+    # The hint's own codes are wrong somewhere, so the correction above was needed (bfloat16's
+    # grid, 2^-8 apart, may hold no weight between two thresholds 0.4% apart).
+    if factor != 1.0 and dtype != torch.bfloat16:
+        at_hint = torch.clamp(torch.round(w.float() * (1.0 / torch.tensor(hint))), -1, 1).to(torch.int8)
+        assert (at_hint != ref_codes).any()
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_ternary_quant_scale_hint_independent_of_threads(threads, n_threads):
+    w = torch.randn(257, 1031) * 0.02
+    ref_codes, ref_scale = reference.ternary_quant(w)
+    ops.set_num_threads(n_threads)
+    codes, scale = raw_ternary_quant(w, ref_scale.item() * 1.002)
+    assert_same(codes, ref_codes)
+    assert_same(scale, ref_scale)
+
+
+def test_ternary_quant_band_overflow_rounds_everything_again(isa):
+    # |w| alternates a and 3a: s = 2a, so half of all weights sit exactly on the threshold
+    # (a / s = 0.5 rounds to even, 0). A band that wide is not noted; every code is redone.
+    a = 0.01
+    w = torch.full((513, 1000), a)
+    w.view(-1)[1::2] = 3 * a
+    w.view(-1)[::3] *= -1
+    ref_codes, ref_scale = reference.ternary_quant(w)
+    assert ref_scale.item() == pytest.approx(2 * a)
+    codes, scale = raw_ternary_quant(w, ref_scale.item())
+    assert_same(codes, ref_codes)
+    assert_same(scale, ref_scale)
+    assert (codes == 0).sum().item() == w.numel() // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ternary_quant_sampled_single_read_matches_reference(isa, dtype):
+    # Large enough (>= 2^22 weights) for the scale to be estimated from a sample; rows of very
+    # different scales, so that the sample's estimate is rough.
+    w = (torch.randn(2049, 2051) * torch.logspace(-3, -1, 2049).unsqueeze(1)).to(dtype)
+    codes, scale = ops.ternary_quant(w)
+    ref_codes, ref_scale = reference.ternary_quant(w)
+    assert_same(codes, ref_codes)
+    assert_same(scale, ref_scale)
+
+
+def test_ternary_quant_scale_hint_must_be_finite_and_not_negative():
+    w = torch.randn(4, 4)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale_hint"):
+            raw_ternary_quant(w, bad)
+
+
+@pytest.mark.parametrize("n", [1000, 1024])
+@pytest.mark.parametrize("span", [18, 19, 20, 21, 24])
+def test_pairwise_abs_sum_exact_fast_path_boundary(isa, n, span):
+    # |x| in two binades `span` apart, random mantissas: up to 19 apart every partial sum of 1024
+    # is exact in double and any order gives the reference's bits (the AVX-512 kernel then sums
+    # without the tree); further apart the order matters and the tree must be used.
+    g = torch.Generator().manual_seed(span)
+    big = (1 + torch.rand(n, generator=g)) * 2.0**span
+    small = 1 + torch.rand(n, generator=g)
+    x = torch.where(torch.arange(n) % 2 == 0, big, -small).float()
+    want = reference.pairwise_sum(x.double().abs().view(1, -1)).item()
+    assert _C.pairwise_sum(x.data_ptr(), 0, n, False) == want
+    if span >= 21:
+        assert sum(x.double().abs().tolist()) != want  # left to right rounds differently here
+
+
 # ---- act_quant_int8 ---------------------------------------------------------------------------
 
 

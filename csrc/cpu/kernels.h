@@ -9,6 +9,12 @@
 
 namespace wf {
 
+// The guess at a weight scale of ternary_quant's single read: codes at inv, and the band of
+// |w * inv| where a code could still change (Kernels::ternary_chunk).
+struct TernaryBand {
+  float inv, lo, hi;
+};
+
 struct Kernels {
   const char* name;
 
@@ -21,6 +27,15 @@ struct Kernels {
 
   // out[i] = clamp(round(w[i] * inv), -1, 1) for n elements.
   void (*ternary_round)(const void* w, DType dt, int64_t n, float inv, int8_t* out);
+
+  // One chunk of ternary_quant's single read (ops.cpp) over n <= kPairChunk weights: returns
+  // chunk_sum(w, n, |w|) and writes ternary_round(w, band.inv) to out, and notes the band: the
+  // elements with band.lo <= |w[i] * band.inv| <= band.hi (the float32 product), whose positions i
+  // go to pos and whose values, as float32, to val, in order; *count gets how many. pos and val
+  // need room for n + 16 entries. next: a hint, as in chunk_sum. Where w holds an inf or a NaN the
+  // codes are unspecified (the caller rounds again).
+  double (*ternary_chunk)(const void* w, DType dt, int64_t n, const TernaryBand& band, int8_t* out, int32_t* pos,
+                          float* val, int64_t* count, const void* next);
 
   // One row of K: scale = 127 / max(max|x|, 1e-5); q = clamp(round(x * scale), -128, 127).
   // next: the row the caller quantizes after this one, a hint as in chunk_sum.

@@ -85,8 +85,53 @@ inline void prefetch_part(const void* p, int64_t from, int64_t to) {
   for (; a < base + to; a += 64) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T1);
 }
 
+inline int32_t bits_of(float f) {
+  int32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// The sum of |x| over at most kPairChunk values, in any order, where that is exact. It is exact
+// when the nonzero |x| span at most 19 binades: each is a multiple of the smallest one's ulp,
+// 2^(e_lo - 150) (e: the biased exponent, at least 1), and below 2^(e_hi - 126), so any sum of
+// 2^10 of them is a multiple of that ulp below 2^(e_hi - e_lo + 34) <= 2^53 of it: a double. Every
+// partial sum of the pairwise tree is then exact, and so equals this sum whatever its order.
+// One widening per 8 values and no shuffles: about twice the speed of the tree.
+struct AbsSum {
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  __m512i max = _mm512_setzero_si512(), min_less_one = _mm512_set1_epi32(-1);  // zero -> 0xffffffff
+
+  void add(__m512 x) {
+    const __m512 a = _mm512_abs_ps(x);
+    const __m512i bits = _mm512_castps_si512(a);
+    max = _mm512_max_epu32(max, bits);
+    min_less_one = _mm512_min_epu32(min_less_one, _mm512_sub_epi32(bits, _mm512_set1_epi32(1)));
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1)));
+  }
+  // The sum, if exact (false also for an inf or a NaN).
+  bool exact(double* sum) const {
+    const uint32_t top = _mm512_reduce_max_epu32(max), least = _mm512_reduce_min_epu32(min_less_one) + 1u;
+    if (top >= 0x7f800000u) return false;
+    if (least != 0u && int(top >> 23) - std::max(int(least >> 23), 1) > 19) return false;
+    *sum = _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+    return true;
+  }
+};
+
 template <DType D>
 double chunk_sum_t(const void* x, int64_t n, bool squares, const void* next) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  if (!squares) {
+    AbsSum sum;
+    for (int64_t i = 0; i < n; i += 16) {
+      if (next) prefetch_part(next, i * es, std::min(i + 16, n) * es);
+      sum.add(load16<D>(x, i, n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i)));
+    }
+    double total;
+    if (sum.exact(&total)) return total;
+    next = nullptr;  // already prefetched
+  }
   // Each 64 values give one vector of 8 sums of 8 neighbours (leaf64). A binary counter of those
   // vectors merges two equal levels as soon as both exist, so no level makes a pass over memory.
   int64_t p = 64;
@@ -101,7 +146,6 @@ double chunk_sum_t(const void* x, int64_t n, bool squares, const void* next) {
     have |= 1u << j;
   };
   int64_t i = 0;
-  constexpr int64_t es = D == DType::F32 ? 4 : 2;
   for (; i < n; i += 64) {
     if (next) prefetch_part(next, i * es, std::min(i + 64, n) * es);
     push(leaf64<D>(x, i, n, squares), 0);
@@ -133,6 +177,80 @@ void ternary_round(const void* w, DType dt, int64_t n, float inv, int8_t* out) {
       _mm_mask_storeu_epi8(out + i, m, _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(r, lo), hi)));
     }
   });
+}
+
+// kernels.h: ternary_chunk. One read of each value: AbsSum's sum (the tree only where AbsSum cannot
+// be exact), the code by two compares, and the band by one.
+template <DType D>
+double ternary_chunk_t(const void* w, int64_t n, const TernaryBand& band, int8_t* out, int32_t* pos, float* val,
+                       int64_t* count, const void* next) {
+  const __m512 inv = _mm512_set1_ps(band.inv);
+  const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff), half = _mm512_set1_epi32(0x3f000000);  // 0.5f
+  // |y| in [lo, hi] as one unsigned compare of the bits (non-negative floats order as their bits)
+  const __m512i lo = _mm512_set1_epi32(bits_of(band.lo)), span = _mm512_set1_epi32(bits_of(band.hi) - bits_of(band.lo));
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  AbsSum sum;
+  int64_t c = 0;
+  // Sums and rounds 16 values at i (lanes outside m zero): x, and masks of the codes that are
+  // nonzero and negative (for finite y, clamp(round(y), -1, 1) is sign(y) where |y| > 0.5, else 0).
+  // Returns the band's lanes.
+  auto step = [&](int64_t i, __mmask16 m, __m512& x, __mmask16& nonzero, __mmask16& negative) {
+    x = load16<D>(w, i, m);
+    sum.add(x);
+    const __m512i y = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(x, inv)), abs_bits);
+    nonzero = _mm512_cmpgt_epu32_mask(y, half);
+    negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
+    return _mm512_mask_cmple_epu32_mask(m, _mm512_sub_epi32(y, lo), span);
+  };
+  // Notes the band lanes of x (at i); compressed in registers, as a compressing store to memory is
+  // slow on some cores.
+  auto note = [&](int64_t i, __mmask16 in_band, __m512 x) {
+    const __m512i at = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(int32_t(i)));
+    _mm512_storeu_si512(pos + c, _mm512_maskz_compress_epi32(in_band, at));
+    _mm512_storeu_ps(val + c, _mm512_maskz_compress_ps(in_band, x));
+    c += __builtin_popcount(in_band);
+  };
+  // 64 codes a line, streamed past the caches where the line is aligned: the codes are not read
+  // again soon, and a plain store would first read each line in (a fifth more memory traffic).
+  const bool stream = (reinterpret_cast<uintptr_t>(out) & 63) == 0;
+  const __m512i one64 = _mm512_set1_epi8(1), minus_one64 = _mm512_set1_epi8(-1);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    if (next) prefetch_part(next, i * es, (i + 64) * es);
+    __m512 x[4];
+    __mmask16 b[4], nz[4], neg[4];
+    for (int j = 0; j < 4; ++j) b[j] = step(i + 16 * j, 0xffff, x[j], nz[j], neg[j]);
+    auto join = [](const __mmask16* k) {
+      return _cvtu64_mask64(uint64_t(k[0]) | uint64_t(k[1]) << 16 | uint64_t(k[2]) << 32 | uint64_t(k[3]) << 48);
+    };
+    const __mmask64 nonzero = join(nz), negative = join(neg);
+    const __m512i codes = _mm512_mask_mov_epi8(_mm512_maskz_mov_epi8(nonzero, one64), nonzero & negative, minus_one64);
+    if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i), codes);
+    else _mm512_storeu_si512(out + i, codes);
+    if ((b[0] | b[1]) | (b[2] | b[3]))  // rare: one branch per 64 values
+      for (int j = 0; j < 4; ++j)
+        if (b[j]) note(i + 16 * j, b[j], x[j]);
+  }
+  if (stream) _mm_sfence();  // the streamed stores before whatever the caller publishes next
+  const __m128i one = _mm_set1_epi8(1), minus_one = _mm_set1_epi8(-1);
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i);
+    if (next) prefetch_part(next, i * es, std::min(i + 16, n) * es);
+    __m512 x;
+    __mmask16 nz, neg;
+    const __mmask16 in_band = step(i, m, x, nz, neg);
+    _mm_mask_storeu_epi8(out + i, m, _mm_mask_mov_epi8(_mm_maskz_mov_epi8(nz, one), nz & neg, minus_one));
+    if (in_band) note(i, in_band, x);
+  }
+  *count = c;
+  double total;
+  return sum.exact(&total) ? total : chunk_sum_t<D>(w, n, /*squares=*/false, nullptr);
+}
+
+double ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band, int8_t* out, int32_t* pos,
+                     float* val, int64_t* count, const void* next) {
+  return dispatch_dtype(dt, [&]<DType D>() { return ternary_chunk_t<D>(w, n, band, out, pos, val, count, next); });
 }
 
 // Quantizes K values produced by value(i, mask) with the absmax whose lanes are in vmax.
@@ -939,7 +1057,7 @@ int64_t int8_macs(int64_t iters) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{"avx512",       chunk_sum,        ternary_round, act_quant_row, norm_quant_row,
+  static const Kernels k{"avx512",       chunk_sum,        ternary_round, ternary_chunk, act_quant_row, norm_quant_row,
                          i2s_prepare_row, i2s_gemm,        kBandMinRows,  tq1_prepare_row, tq1_gemm, /*tq1_natural_rows=*/2, /*tq1_fast=*/true,
                          f16_gemm,        i8_gemm,         dot_f32,
                          axpy_f32,        glu,             read_bytes,    int8_macs};

@@ -12,6 +12,25 @@
 namespace wf {
 namespace {
 
+// kernels.h: ternary_chunk, in two steps: chunk_sum's portable tree, then element by element (the
+// rounding of the scalar table's ternary_round).
+inline double generic_ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band, int8_t* out,
+                                    int32_t* pos, float* val, int64_t* count, const void* /*next*/) {
+  return dispatch_dtype(dt, [&]<DType D>() {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = load_f32<D>(w, i), y = x * band.inv, a = std::fabs(y);
+      if (a >= band.lo && a <= band.hi) {
+        pos[c] = int32_t(i);
+        val[c++] = x;
+      }
+      out[i] = int8_t(std::fmin(std::fmax(std::nearbyint(y), -1.0f), 1.0f));
+    }
+    *count = c;
+    return chunk_sum_generic<D>(w, n, /*squares=*/false);
+  });
+}
+
 inline float generic_dot_f32(const float* a, const float* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "cpu/formats.h"
@@ -37,28 +38,175 @@ double pairwise_sum(const void* x, DType dt, int64_t n, bool squares) {
   return pairwise_sum(active_kernels(), x, dt, n, squares);
 }
 
-float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes) {
-  check_positive("w.numel()", n);
-  const Kernels& k = active_kernels();
+namespace {
+
+// The pairwise sum of |w| over [0, n), in parallel blocks combined in order (the result does not
+// depend on the thread count). The sum over block c is partial[c].
+double combine(const std::vector<double>& partial) {
+  PairwiseAccumulator acc;
+  for (double p : partial) acc.add(p);
+  return acc.result();
+}
+
+float weight_scale(double abs_sum, int64_t n) { return std::max(float(abs_sum / double(n)), kWeightScaleFloor); }
+
+// The plain two passes: the sum of |w|, then the codes at its scale.
+float ternary_quant_two_pass(const Kernels& k, const uint8_t* base, DType dt, int64_t n, int8_t* codes) {
   const size_t es = dtype_size(dt);
-  const auto* base = static_cast<const uint8_t*>(w);
-  // Block sums in parallel, combined pairwise: the result does not depend on the thread count.
   const int64_t n_chunks = (n + kPairChunk - 1) / kPairChunk;
   std::vector<double> partial(n_chunks);
   parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c * kPairChunk, len = std::min(kPairChunk, n - b);
-      partial[c] = k.chunk_sum(base + b * es, dt, len, /*squares=*/false, nullptr);
+      partial[c] = k.chunk_sum(base + b * es, dt, len, /*squares=*/false, c + 1 < c1 ? base + (b + len) * es : nullptr);
     }
   });
-  PairwiseAccumulator acc;
-  for (double p : partial) acc.add(p);
-  const double total = acc.result();
-  const float s = std::max(float(total / double(n)), kWeightScaleFloor);
+  const float s = weight_scale(combine(partial), n);
   const float inv = 1.0f / s;
   parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
     const int64_t b = c0 * kPairChunk, e = std::min(c1 * kPairChunk, n);
     k.ternary_round(base + b * es, dt, e - b, inv, codes + b);
+  });
+  return s;
+}
+
+// mean|w| estimated from kSpots runs of w spread evenly over it, with the relative standard error
+// of the estimate (from the spread of the runs' means); {0, 0} where w is too small to sample.
+struct ScaleEstimate {
+  double scale, rel_error;
+};
+
+ScaleEstimate estimate_scale(const Kernels& k, const uint8_t* base, DType dt, int64_t n) {
+  // Runs of up to 16 KB, covering at most 1/16 of w: each run is a fresh start for memory (its
+  // latency, a page walk), so fewer and longer runs cost less than many short ones for one size.
+  constexpr int kSpots = 64;
+  const size_t es = dtype_size(dt);
+  const int64_t run = std::min<int64_t>(4 * kPairChunk, n / (16 * kSpots) / 16 * 16), step = n / kSpots;
+  if (run < 64) return {0.0, 0.0};
+  double mean[kSpots];
+  parallel_for(kSpots, kSpots * run, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* at = base + g * step * es;
+      mean[g] = pairwise_sum(k, at, dt, run, /*squares=*/false, g + 1 < g1 ? at + step * es : nullptr) / double(run);
+    }
+  });
+  double est = 0.0, var = 0.0;
+  for (double m : mean) est += m / kSpots;
+  for (double m : mean) var += (m - est) * (m - est);
+  const double se = std::sqrt(var / (kSpots - 1) / kSpots);
+  return {est, est > 0.0 ? se / est : 0.0};
+}
+
+}  // namespace
+
+// ternary_quant reads w once where it can. The codes depend on the mean of all of w, which the
+// plain way (ternary_quant_two_pass) must finish before it can round: two reads of w. Instead:
+//   1. guess the scale (scale_hint, or an estimate from a sample of w) and bound it: s in
+//      [s_lo, s_hi] with inv = 1 / s in [inv_lo, inv_hi];
+//   2. one pass: the exact sum of |w| and the codes at the guess g = 1 / guess, noting the band of
+//      elements whose code could differ at some inv in [inv_lo, inv_hi] (and their values);
+//   3. if the true inv lies in [inv_lo, inv_hi], only band elements can be wrong: round them again
+//      at inv from the noted values. Otherwise (a bad guess, or a band too wide to note), round all
+//      of w again as the two-pass way does.
+// The code of w is 0 where fl(|w| * inv) <= 0.5 and sign(w) above, monotone in inv; so an element's
+// code can change between g and inv only if |w| * g lies near 0.5 * g / inv, which the band bounds
+// with a margin for the two float roundings. Both ways give the same bits.
+float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes, float scale_hint) {
+  check_positive("w.numel()", n);
+  if (!(scale_hint >= 0.0f) || !std::isfinite(scale_hint))
+    fail("scale_hint must be a finite number >= 0 (0: estimate), got " + std::to_string(scale_hint));
+  const Kernels& k = active_kernels();
+  const size_t es = dtype_size(dt);
+  const auto* base = static_cast<const uint8_t*>(w);
+  // Below a few MB the second read comes from cache anyway; positions are noted in int32 per chunk.
+  constexpr int64_t kOnePassMin = int64_t(1) << 22;
+  double guess = scale_hint, rel = 0.005;
+  if (guess == 0.0) {
+    if (n < kOnePassMin) return ternary_quant_two_pass(k, base, dt, n, codes);
+    const ScaleEstimate e = estimate_scale(k, base, dt, n);
+    guess = e.scale;
+    rel = std::max(4.0 * e.rel_error, 0.002);  // four standard errors, and not below 0.2%
+  }
+  if (!(guess > 0.0) || !std::isfinite(guess) || rel > 0.1) return ternary_quant_two_pass(k, base, dt, n, codes);
+  const float s_lo = std::max(float(guess * (1.0 - rel)), kWeightScaleFloor);
+  const float s_hi = std::max(float(guess * (1.0 + rel)), kWeightScaleFloor);
+  const float g = 1.0f / std::max(float(guess), kWeightScaleFloor);
+  const float inv_lo = 1.0f / s_hi, inv_hi = 1.0f / s_lo;
+  // fl(|w| * inv) > 0.5 >= fl(|w| * g) needs |w| * g >= 0.5 * g / inv_hi * (1 - 2^-24)^2, and the
+  // reverse |w| * g <= 0.5 * g / inv_lo * (1 + 2^-24)^2: the band, widened by 1e-6 for both roundings.
+  const float band_lo = std::nextafter(float(0.5 * double(g) / double(inv_hi) * (1.0 - 1e-6)), 0.0f);
+  const float band_hi = std::nextafter(float(0.5 * double(g) / double(inv_lo) * (1.0 + 1e-6)), 1.0f);
+  const TernaryBand guess_band{g, band_lo, band_hi};
+
+  // One pass. Each range of chunks notes its band in its own list; a list longer than 1/32 of its
+  // elements (a guess far off, or many equal weights near the threshold) stops noting, and then
+  // the codes are redone in full.
+  struct Band {
+    std::vector<int64_t> pos;
+    std::vector<float> val;
+  };
+  std::mutex mu;
+  std::vector<Band> bands;
+  std::atomic<bool> overflow{false};
+  const int64_t n_chunks = (n + kPairChunk - 1) / kPairChunk;
+  std::vector<double> partial(n_chunks);
+  parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
+    Band band;
+    const int64_t cap = (std::min(c1 * kPairChunk, n) - c0 * kPairChunk) / 32 + 16;
+    alignas(64) int32_t pos[kPairChunk + 16];
+    alignas(64) float val[kPairChunk + 16];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * kPairChunk, len = std::min(kPairChunk, n - b);
+      const uint8_t* x = base + b * es;
+      const void* next = c + 1 < c1 ? x + len * es : nullptr;
+      if (overflow.load(std::memory_order_relaxed)) {
+        partial[c] = k.chunk_sum(x, dt, len, /*squares=*/false, next);
+        continue;
+      }
+      int64_t m = 0;
+      partial[c] = k.ternary_chunk(x, dt, len, guess_band, codes + b, pos, val, &m, next);
+      if (int64_t(band.pos.size()) + m > cap) {
+        overflow.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        band.pos.push_back(b + pos[i]);
+        band.val.push_back(val[i]);
+      }
+    }
+    std::lock_guard<std::mutex> lk(mu);
+    bands.push_back(std::move(band));
+  });
+  const float s = weight_scale(combine(partial), n);
+  const float inv = 1.0f / s;
+  if (overflow.load() || !(inv >= inv_lo && inv <= inv_hi)) {
+    parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
+      const int64_t b = c0 * kPairChunk, e = std::min(c1 * kPairChunk, n);
+      k.ternary_round(base + b * es, dt, e - b, inv, codes + b);
+    });
+    return s;
+  }
+  // Round the band again at inv and write the codes that change: a few per thousand weights, on
+  // lines of codes long gone to memory, so each write is prefetched a few ahead.
+  parallel_for(int64_t(bands.size()), n / 64, [&](int64_t b0, int64_t b1) {
+    std::vector<int8_t> now, before;
+    std::vector<int64_t> changed;
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& band = bands[size_t(bi)];
+      const int64_t m = int64_t(band.pos.size());
+      now.resize(size_t(m));
+      before.resize(size_t(m));
+      k.ternary_round(band.val.data(), DType::F32, m, inv, now.data());
+      k.ternary_round(band.val.data(), DType::F32, m, g, before.data());
+      changed.clear();
+      for (int64_t i = 0; i < m; ++i)
+        if (now[size_t(i)] != before[size_t(i)]) changed.push_back(i);
+      constexpr size_t kAhead = 64;
+      for (size_t j = 0; j < changed.size(); ++j) {
+        if (j + kAhead < changed.size()) __builtin_prefetch(codes + band.pos[size_t(changed[j + kAhead])], 1);
+        codes[band.pos[size_t(changed[j])]] = now[size_t(changed[j])];
+      }
+    }
   });
   return s;
 }

@@ -13,8 +13,10 @@ namespace wf {
 // Pairwise sum (common.h) of |x[i]|, or x[i]^2 when squares, in double, on the active ISA.
 double pairwise_sum(const void* x, DType dt, int64_t n, bool squares);
 
-// codes[i] = clamp(round(w[i] / s), -1, 1) with s = max(mean|w|, 1e-5); returns s.
-float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes);
+// codes[i] = clamp(round(w[i] * (1 / s)), -1, 1) with s = max(mean|w|, 1e-5); returns s.
+// scale_hint: a guess at s (say, the last step's scale of a weight being trained), or 0 to estimate
+// it from a sample. A good guess lets w be read once instead of twice; any guess gives the same result.
+float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes, float scale_hint = 0.0f);
 
 // Per row of K: scale[n] = 127 / max(max|x|, 1e-5); q = clamp(round(x * scale), -128, 127).
 void act_quant_int8(const void* x, DType dt, int64_t N, int64_t K, int8_t* q, float* scale);
