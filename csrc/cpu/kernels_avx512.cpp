@@ -119,19 +119,10 @@ struct AbsSum {
   }
 };
 
+// The pairwise tree itself (chunk_sum where AbsSum cannot be exact, and every sum of squares).
 template <DType D>
-double chunk_sum_t(const void* x, int64_t n, bool squares, const void* next) {
+double tree_sum_t(const void* x, int64_t n, bool squares, const void* next) {
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
-  if (!squares) {
-    AbsSum sum;
-    for (int64_t i = 0; i < n; i += 16) {
-      if (next) prefetch_part(next, i * es, std::min(i + 16, n) * es);
-      sum.add(load16<D>(x, i, n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i)));
-    }
-    double total;
-    if (sum.exact(&total)) return total;
-    next = nullptr;  // already prefetched
-  }
   // Each 64 values give one vector of 8 sums of 8 neighbours (leaf64). A binary counter of those
   // vectors merges two equal levels as soon as both exist, so no level makes a pass over memory.
   int64_t p = 64;
@@ -161,6 +152,19 @@ double chunk_sum_t(const void* x, int64_t n, bool squares, const void* next) {
   alignas(64) double lanes[8];
   _mm512_store_pd(lanes, pending[__builtin_ctz(have)]);
   return pairwise_reduce(lanes, 8);
+}
+
+template <DType D>
+double chunk_sum_t(const void* x, int64_t n, bool squares, const void* next) {
+  if (squares) return tree_sum_t<D>(x, n, squares, next);
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  AbsSum sum;
+  for (int64_t i = 0; i < n; i += 16) {
+    if (next) prefetch_part(next, i * es, std::min(i + 16, n) * es);
+    sum.add(load16<D>(x, i, n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i)));
+  }
+  double total;
+  return sum.exact(&total) ? total : tree_sum_t<D>(x, n, /*squares=*/false, nullptr);  // next: prefetched
 }
 
 double chunk_sum(const void* x, DType dt, int64_t n, bool squares, const void* next) {
@@ -245,7 +249,7 @@ double ternary_chunk_t(const void* w, int64_t n, const TernaryBand& band, int8_t
   }
   *count = c;
   double total;
-  return sum.exact(&total) ? total : chunk_sum_t<D>(w, n, /*squares=*/false, nullptr);
+  return sum.exact(&total) ? total : tree_sum_t<D>(w, n, /*squares=*/false, nullptr);
 }
 
 double ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band, int8_t* out, int32_t* pos,

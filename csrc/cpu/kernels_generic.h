@@ -12,19 +12,20 @@
 namespace wf {
 namespace {
 
-// kernels.h: ternary_chunk, in two steps: chunk_sum's portable tree, then element by element (the
-// rounding of the scalar table's ternary_round).
-inline double generic_ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band, int8_t* out,
-                                    int32_t* pos, float* val, int64_t* count, const void* /*next*/) {
+// kernels.h: ternary_chunk, in three steps: the ISA's own ternary_round (Round), the band
+// element by element, and chunk_sum's portable tree.
+template <auto Round>
+double generic_ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band, int8_t* out, int32_t* pos,
+                             float* val, int64_t* count, const void* /*next*/) {
+  Round(w, dt, n, band.inv, out);
   return dispatch_dtype(dt, [&]<DType D>() {
     int64_t c = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const float x = load_f32<D>(w, i), y = x * band.inv, a = std::fabs(y);
+      const float x = load_f32<D>(w, i), a = std::fabs(x * band.inv);
       if (a >= band.lo && a <= band.hi) {
         pos[c] = int32_t(i);
         val[c++] = x;
       }
-      out[i] = int8_t(std::fmin(std::fmax(std::nearbyint(y), -1.0f), 1.0f));
     }
     *count = c;
     return chunk_sum_generic<D>(w, n, /*squares=*/false);

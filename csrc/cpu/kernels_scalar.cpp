@@ -105,7 +105,8 @@ int64_t int8_macs(int64_t iters) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{"scalar",          chunk_sum,         ternary_round, generic_ternary_chunk,   act_quant_row,
+  static const Kernels k{"scalar",          chunk_sum,         ternary_round,
+                         generic_ternary_chunk<ternary_round>, act_quant_row,
                          norm_quant_row,   i2s_prepare_row,  i2s_gemm,        /*i2s_natural_rows=*/1,
                          i2s_prepare_row, generic_tq1_gemm, /*tq1_natural_rows=*/1, /*tq1_fast=*/false,
                          generic_f16_gemm,

@@ -50,6 +50,15 @@ double combine(const std::vector<double>& partial) {
 
 float weight_scale(double abs_sum, int64_t n) { return std::max(float(abs_sum / double(n)), kWeightScaleFloor); }
 
+// The codes of all of w at inv, in parallel.
+void round_all(const Kernels& k, const uint8_t* base, DType dt, int64_t n, float inv, int8_t* codes) {
+  const size_t es = dtype_size(dt);
+  parallel_for((n + kPairChunk - 1) / kPairChunk, n, [&](int64_t c0, int64_t c1) {
+    const int64_t b = c0 * kPairChunk, e = std::min(c1 * kPairChunk, n);
+    k.ternary_round(base + b * es, dt, e - b, inv, codes + b);
+  });
+}
+
 // The plain two passes: the sum of |w|, then the codes at its scale.
 float ternary_quant_two_pass(const Kernels& k, const uint8_t* base, DType dt, int64_t n, int8_t* codes) {
   const size_t es = dtype_size(dt);
@@ -62,11 +71,7 @@ float ternary_quant_two_pass(const Kernels& k, const uint8_t* base, DType dt, in
     }
   });
   const float s = weight_scale(combine(partial), n);
-  const float inv = 1.0f / s;
-  parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
-    const int64_t b = c0 * kPairChunk, e = std::min(c1 * kPairChunk, n);
-    k.ternary_round(base + b * es, dt, e - b, inv, codes + b);
-  });
+  round_all(k, base, dt, n, 1.0f / s, codes);
   return s;
 }
 
@@ -169,10 +174,8 @@ float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes, float sca
         overflow.store(true, std::memory_order_relaxed);
         continue;
       }
-      for (int64_t i = 0; i < m; ++i) {
-        band.pos.push_back(b + pos[i]);
-        band.val.push_back(val[i]);
-      }
+      for (int64_t i = 0; i < m; ++i) band.pos.push_back(b + pos[i]);
+      band.val.insert(band.val.end(), val, val + m);
     }
     std::lock_guard<std::mutex> lk(mu);
     bands.push_back(std::move(band));
@@ -180,10 +183,7 @@ float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes, float sca
   const float s = weight_scale(combine(partial), n);
   const float inv = 1.0f / s;
   if (overflow.load() || !(inv >= inv_lo && inv <= inv_hi)) {
-    parallel_for(n_chunks, n, [&](int64_t c0, int64_t c1) {
-      const int64_t b = c0 * kPairChunk, e = std::min(c1 * kPairChunk, n);
-      k.ternary_round(base + b * es, dt, e - b, inv, codes + b);
-    });
+    round_all(k, base, dt, n, inv, codes);
     return s;
   }
   // Round the band again at inv and write the codes that change: a few per thousand weights, on
