@@ -70,6 +70,50 @@ def test_pairwise_sum_kernel_matches_reference(isa, dtype, n, squares):
     assert got == want
 
 
+def _kernel_sum_of_squares(x):
+    return _C.pairwise_sum(x.data_ptr(), quant.dtype_code(x), x.numel(), True)
+
+
+def _reference_sum_of_squares(x):
+    xd = x.to(torch.float64)
+    return reference.pairwise_sum((xd * xd).view(1, -1)).item()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [5, 64, 100, 1024, 2560])
+def test_sum_of_squares_with_zeros_and_extremes(isa, dtype, n):
+    # exact zeros (a squared-ReLU FFN's output is half zeros), the largest finite values and the
+    # smallest normal ones, among random values: the widening of squares works on the bits
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 20, (n,), generator=g).float()
+    x[torch.rand(n, generator=g) < 0.5] = 0.0
+    info = torch.finfo(dtype)
+    x[1::7] = info.max
+    x[3::11] = -info.tiny
+    x = x.to(dtype)
+    assert _kernel_sum_of_squares(x) == _reference_sum_of_squares(x)
+    assert _kernel_sum_of_squares(torch.zeros(n, dtype=dtype)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("special", ["subnormal", "inf", "-inf", "nan"])
+@pytest.mark.parametrize("at", [0, 37, 999])
+def test_sum_of_squares_special_values(isa, dtype, special, at):
+    # subnormals, infinities and NaNs take the kernels' general path; the sum still matches
+    g = torch.Generator().manual_seed(at)
+    x = torch.randn(1000, generator=g).to(dtype)
+    value = {"subnormal": torch.finfo(dtype).tiny / 4, "inf": float("inf"), "-inf": float("-inf"),
+             "nan": float("nan")}[special]  # fmt: skip
+    x[at] = value
+    x[at // 2] = value
+    got, want = _kernel_sum_of_squares(x), _reference_sum_of_squares(x)
+    if special == "nan":
+        assert got != got and want != want
+    else:
+        assert got == want
+        assert (got == float("inf")) == special.endswith("inf")
+
+
 def test_ternary_quant_large_tensor_spans_many_chunks(isa):
     # > 64 blocks of PAIR_CHUNK and not a multiple of it: the threaded, pairwise-combined mean
     w = torch.randn(331, 1000) * 0.05
