@@ -101,13 +101,15 @@ struct AbsSum {
   __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
   __m512i max = _mm512_setzero_si512(), min_less_one = _mm512_set1_epi32(-1);  // zero -> 0xffffffff
 
-  void add(__m512 x) {
+  // Adds x; returns |x|.
+  __m512 add(__m512 x) {
     const __m512 a = _mm512_abs_ps(x);
     const __m512i bits = _mm512_castps_si512(a);
     max = _mm512_max_epu32(max, bits);
     min_less_one = _mm512_min_epu32(min_less_one, _mm512_sub_epi32(bits, _mm512_set1_epi32(1)));
     lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
     hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1)));
+    return a;
   }
   // The sum, if exact (false also for an inf or a NaN).
   bool exact(double* sum) const {
@@ -266,7 +268,7 @@ template <DType D>
 double ternary_chunk_t(const void* w, int64_t n, const TernaryBand& band, int8_t* out, int32_t* pos, float* val,
                        int64_t* count, const void* next) {
   const __m512 inv = _mm512_set1_ps(band.inv);
-  const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff), half = _mm512_set1_epi32(0x3f000000);  // 0.5f
+  const __m512i half = _mm512_set1_epi32(0x3f000000);  // 0.5f
   // |y| in [lo, hi] as one unsigned compare of the bits (non-negative floats order as their bits)
   const __m512i lo = _mm512_set1_epi32(bits_of(band.lo)), span = _mm512_set1_epi32(bits_of(band.hi) - bits_of(band.lo));
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
@@ -277,8 +279,7 @@ double ternary_chunk_t(const void* w, int64_t n, const TernaryBand& band, int8_t
   // Returns the band's lanes.
   auto step = [&](int64_t i, __mmask16 m, __m512& x, __mmask16& nonzero, __mmask16& negative) {
     x = load16<D>(w, i, m);
-    sum.add(x);
-    const __m512i y = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(x, inv)), abs_bits);
+    const __m512i y = _mm512_castps_si512(_mm512_mul_ps(sum.add(x), inv));  // |x| * inv = |x * inv|
     nonzero = _mm512_cmpgt_epu32_mask(y, half);
     negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
     return _mm512_mask_cmple_epu32_mask(m, _mm512_sub_epi32(y, lo), span);
@@ -302,8 +303,8 @@ double ternary_chunk_t(const void* w, int64_t n, const TernaryBand& band, int8_t
     __m512 x[4];
     __mmask16 b[4], nz[4], neg[4];
     for (int j = 0; j < 4; ++j) b[j] = step(i + 16 * j, 0xffff, x[j], nz[j], neg[j]);
-    auto join = [](const __mmask16* k) {
-      return _cvtu64_mask64(uint64_t(k[0]) | uint64_t(k[1]) << 16 | uint64_t(k[2]) << 32 | uint64_t(k[3]) << 48);
+    auto join = [](const __mmask16* k) {  // k[0] in the low bits
+      return _mm512_kunpackd(_mm512_kunpackw(k[3], k[2]), _mm512_kunpackw(k[1], k[0]));
     };
     const __mmask64 nonzero = join(nz), negative = join(neg);
     const __m512i codes = _mm512_mask_mov_epi8(_mm512_maskz_mov_epi8(nonzero, one64), nonzero & negative, minus_one64);
