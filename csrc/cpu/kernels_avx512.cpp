@@ -174,11 +174,11 @@ double tree_sum_t(const void* x, int64_t n, bool squares, const void* next) {
 // neighbours, so one shift apiece puts x[2j] and x[2j + 1] in lane j of two vectors: level 1 of the
 // tree is one FMA per 8 pairs, in order, with no unpacking. The squares are x^2 * 2^256, below
 // 2^512, and every partial sum of them is the unscaled one times 2^256 exactly. Zeros (and lanes
-// past n) are masked to zero; a subnormal, an infinity or a NaN is flagged in `odd`.
+// past n) are masked to zero; a subnormal, an infinity or a NaN sets its lane in `flagged`.
 template <DType D>
-inline __m512d square_pairs(const void* x, int64_t i, __mmask16 m, __mmask16& odd) {
+inline __m512d square_pairs(const void* x, int64_t i, __mmask16 m, __mmask16& flagged) {
   const __m512 v = load16<D>(x, i, m);
-  odd |= _mm512_mask_fpclass_ps_mask(m, v, 0x01 | 0x08 | 0x10 | 0x20 | 0x80);  // NaNs, infinities, subnormals
+  flagged |= _mm512_mask_fpclass_ps_mask(m, v, 0x01 | 0x08 | 0x10 | 0x20 | 0x80);  // NaNs, infinities, subnormals
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i field = _mm512_set1_epi64(0x0FFFFFFFE0000000ll);  // exponent bits 0-7 and mantissa bits 29-51
   const __m512i top = _mm512_set1_epi64(0x4000000000000000ll);    // exponent bit 10
@@ -195,17 +195,17 @@ inline __m512d square_pairs(const void* x, int64_t i, __mmask16 m, __mmask16& od
 // unpacks (lanes come out a0 b0 a1 b1 ... for vectors a, b), level 3 with a permute that also puts
 // the lanes in order.
 template <DType D, bool Tail>
-inline __m512d square_leaf64(const void* x, int64_t i, int64_t n, __mmask16& odd) {
+inline __m512d square_leaf64(const void* x, int64_t i, int64_t n, __mmask16& flagged) {
   __m512d r[4];
   for (int m = 0; m < 4; ++m) {
     const int64_t at = i + 16 * m;
     const __mmask16 k = !Tail || n - at >= 16 ? __mmask16(0xffff) : at < n ? tail_mask(n - at) : __mmask16(0);
-    r[m] = square_pairs<D>(x, at, k, odd);
+    r[m] = square_pairs<D>(x, at, k, flagged);
   }
   const __m512d s01 = _mm512_add_pd(_mm512_unpacklo_pd(r[0], r[1]), _mm512_unpackhi_pd(r[0], r[1]));
   const __m512d s23 = _mm512_add_pd(_mm512_unpacklo_pd(r[2], r[3]), _mm512_unpackhi_pd(r[2], r[3]));
-  const __m512i even = _mm512_setr_epi64(0, 4, 1, 5, 8, 12, 9, 13), odd_ = _mm512_setr_epi64(2, 6, 3, 7, 10, 14, 11, 15);
-  return _mm512_add_pd(_mm512_permutex2var_pd(s01, even, s23), _mm512_permutex2var_pd(s01, odd_, s23));
+  const __m512i left = _mm512_setr_epi64(0, 4, 1, 5, 8, 12, 9, 13), right = _mm512_setr_epi64(2, 6, 3, 7, 10, 14, 11, 15);
+  return _mm512_add_pd(_mm512_permutex2var_pd(s01, left, s23), _mm512_permutex2var_pd(s01, right, s23));
 }
 
 // The sum of x^2 over n <= kPairChunk values: the pairwise tree, from square_pairs where every
