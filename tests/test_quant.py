@@ -57,6 +57,15 @@ def test_pairwise_sum_hand_worked():
     assert torch.equal(reference.pairwise_sum(v), flat[:, 0])
 
 
+def _kernel_pairwise_sum(x, squares):
+    return _C.pairwise_sum(x.data_ptr(), quant.dtype_code(x), x.numel(), squares)
+
+
+def _reference_pairwise_sum(x, squares):
+    xd = x.to(torch.float64)
+    return reference.pairwise_sum((xd * xd if squares else xd.abs()).view(1, -1)).item()
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 65, 1000, 1024, 1025, 2560, 4096 + 3, 70 * 1024 + 9])
 @pytest.mark.parametrize("squares", [False, True])
@@ -64,19 +73,7 @@ def test_pairwise_sum_kernel_matches_reference(isa, dtype, n, squares):
     # a wide range of magnitudes, so that a different order of additions would show in the bits
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 20, (n,), generator=g).float()).to(dtype)
-    got = _C.pairwise_sum(x.data_ptr(), {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype], n, squares)
-    xd = x.to(torch.float64)
-    want = reference.pairwise_sum((xd * xd if squares else xd.abs()).view(1, -1)).item()
-    assert got == want
-
-
-def _kernel_sum_of_squares(x):
-    return _C.pairwise_sum(x.data_ptr(), quant.dtype_code(x), x.numel(), True)
-
-
-def _reference_sum_of_squares(x):
-    xd = x.to(torch.float64)
-    return reference.pairwise_sum((xd * xd).view(1, -1)).item()
+    assert _kernel_pairwise_sum(x, squares) == _reference_pairwise_sum(x, squares)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -91,8 +88,8 @@ def test_sum_of_squares_with_zeros_and_extremes(isa, dtype, n):
     x[1::7] = info.max
     x[3::11] = -info.tiny
     x = x.to(dtype)
-    assert _kernel_sum_of_squares(x) == _reference_sum_of_squares(x)
-    assert _kernel_sum_of_squares(torch.zeros(n, dtype=dtype)) == 0.0
+    assert _kernel_pairwise_sum(x, True) == _reference_pairwise_sum(x, True)
+    assert _kernel_pairwise_sum(torch.zeros(n, dtype=dtype), True) == 0.0
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -106,7 +103,7 @@ def test_sum_of_squares_special_values(isa, dtype, special, at):
              "nan": float("nan")}[special]  # fmt: skip
     x[at] = value
     x[at // 2] = value
-    got, want = _kernel_sum_of_squares(x), _reference_sum_of_squares(x)
+    got, want = _kernel_pairwise_sum(x, True), _reference_pairwise_sum(x, True)
     if special == "nan":
         assert got != got and want != want
     else:
