@@ -811,6 +811,9 @@ alignas(64) constexpr int16_t kTq1Qs1Words[32] = {0,  1,  2,  3,  4,  5,  6,  7,
                                                   32, 33, 34, 35, 36, 37, 38, 39, 48, 49, 50, 51, 52, 53, 54, 55};
 alignas(64) constexpr int16_t kTq1QhWords[32] = {8, 9, 24, 25, 40, 41, 56, 57, 8, 9, 24, 25, 40, 41, 56, 57,
                                                  8, 9, 24, 25, 40, 41, 56, 57, 8, 9, 24, 25, 40, 41, 56, 57};
+// 3^n for every word of 16-byte lane n.
+alignas(64) constexpr int16_t kTq1QhFactors[32] = {1, 1, 1, 1, 1, 1, 1, 1, 3,  3,  3,  3,  3,  3,  3,  3,
+                                                   9, 9, 9, 9, 9, 9, 9, 9, 27, 27, 27, 27, 27, 27, 27, 27};
 
 // sum_i t_i a_i over R = 1 or 2 TQ1_0 rows (digits t, not codes; rows row_bytes apart) into
 // dots[0, R), with `act` in tq1_prepare_row's layout, four blocks at a time in full 64-byte
@@ -843,6 +846,16 @@ void tq1_gemv_rows(const int8_t* act, int64_t K, const uint8_t* w, int64_t row_b
   }
   const __m512i qs1_words = _mm512_load_si512(kTq1Qs1Words), qh_words = _mm512_load_si512(kTq1QhWords);
   const __mmask32 tail = 0x3FFFFF;  // bytes 32..53 of a block: nothing past it is read
+  // qh of the four blocks (16 bytes) in each 16-byte lane n, times 3^n: the four digits at once,
+  // against the 64 activation bytes at 960. A byte times f mod 256 is the low byte of its word
+  // times f, for the low byte as it stands and for the high byte with the low one cleared.
+  const __m512i qh_factors = _mm512_load_si512(kTq1QhFactors);
+  auto qh = [&](__m512i ab, __m512i cd) {
+    const __m512i g = _mm512_permutex2var_epi16(ab, qh_words, cd);
+    const __m512i low = _mm512_mullo_epi16(g, qh_factors);
+    const __m512i high = _mm512_mullo_epi16(_mm512_and_si512(g, _mm512_set1_epi16(short(0xFF00))), qh_factors);
+    return _mm512_mask_blend_epi8(__mmask64(0xAAAAAAAAAAAAAAAAull), low, high);
+  };
   for (int64_t b = 0; b < blocks; b += 4) {
     const uint8_t* blk[2][4];
     for (int r = 0; r < R; ++r)
@@ -861,6 +874,14 @@ void tq1_gemv_rows(const int8_t* act, int64_t K, const uint8_t* w, int64_t row_b
       return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(tail, blk[r][h] + 32)),
                                 _mm256_maskz_loadu_epi8(tail, blk[r][h + 1] + 32), 1);
     };
+    // The bytes 32.. of the four blocks first: their permutes and qh's multiplies then run
+    // beside the digit steps of qs[0:32] instead of as one long chain after them (measured 10%
+    // faster hot in L1).
+    const __m512i ab0 = upper(0, 0), cd0 = upper(0, 2);
+    const __m512i ab1 = R == 2 ? upper(R - 1, 0) : ab0, cd1 = R == 2 ? upper(R - 1, 2) : cd0;
+    const __m512i qs1_0 = _mm512_permutex2var_epi16(ab0, qs1_words, cd0);
+    const __m512i qs1_1 = R == 2 ? _mm512_permutex2var_epi16(ab1, qs1_words, cd1) : qs1_0;
+    const __m512i qh0 = qh(ab0, cd0), qh1 = R == 2 ? qh(ab1, cd1) : qh0;
     const int8_t* x = act + b / 4 * 1024;
     {
       __m512i v0 = half(0, 0), v1 = R == 2 ? half(R - 1, 0) : v0;
@@ -872,38 +893,27 @@ void tq1_gemv_rows(const int8_t* act, int64_t K, const uint8_t* w, int64_t row_b
       WF_DIGITS(WF_STEP)
     }
     x += 320;
-    const __m512i ab0 = upper(0, 0), cd0 = upper(0, 2);
-    const __m512i ab1 = R == 2 ? upper(R - 1, 0) : ab0, cd1 = R == 2 ? upper(R - 1, 2) : cd0;
     {
-      __m512i v0 = _mm512_permutex2var_epi16(ab0, qs1_words, cd0), v1 = _mm512_permutex2var_epi16(ab1, qs1_words, cd1);
+      __m512i v0 = qs1_0, v1 = qs1_1;
       WF_DIGITS(WF_STEP)
     }
-    // qh of the four blocks (16 bytes) in each 16-byte lane n, times 3^n by masked steps: the
-    // four digits at once, against the 64 activation bytes at 960.
-    auto qh = [&](__m512i ab, __m512i cd) {
-      __m512i g = _mm512_permutex2var_epi16(ab, qh_words, cd);
-      for (const __mmask64 lanes : {__mmask64(0xFFFFFFFFFFFF0000ull), __mmask64(0xFFFFFFFF00000000ull),
-                                    __mmask64(0xFFFF000000000000ull)})
-        g = _mm512_mask_add_epi8(g, lanes, _mm512_add_epi8(g, g), g);
-      return g;
-    };
     const __m512i a = _mm512_loadu_si512(x + 320);
-    const __m512i g0 = qh(ab0, cd0);
-    dpbusd_reg(t0, g0, a);
-    dpbusd_reg(r0, times3(g0), a);
+    dpbusd_reg(t0, qh0, a);
+    dpbusd_reg(r0, times3(qh0), a);
     if constexpr (R == 2) {
-      const __m512i g1 = qh(ab1, cd1);
-      dpbusd_reg(u0, g1, a);
-      dpbusd_reg(s0, times3(g1), a);
+      dpbusd_reg(u0, qh1, a);
+      dpbusd_reg(s0, times3(qh1), a);
     }
   }
-  // Each lane of 3 t - r is 256 times its share of the sum: exact, so shift, then add up.
-  auto lanes = [](__m512i t, __m512i r) { return _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(t, t), t), r); };
-  __m512i z0 = _mm512_setzero_si512(), z1 = z0;
-#define WF_SUM(n)                                 \
-  z0 = _mm512_add_epi32(z0, lanes(t##n, r##n));   \
-  if constexpr (R == 2) z1 = _mm512_add_epi32(z1, lanes(u##n, s##n));
-  WF_DIGITS(WF_SUM)
+  // Each lane of 3 t - r is 256 times its share of the sum: exact, so add up, then shift.
+  __m512i tz0 = t0, rz0 = r0, tz1 = u0, rz1 = s0;
+#define WF_SUM(n)                                                                \
+  tz0 = _mm512_add_epi32(tz0, t##n);                                             \
+  rz0 = _mm512_add_epi32(rz0, r##n);                                             \
+  if constexpr (R == 2) tz1 = _mm512_add_epi32(tz1, u##n), rz1 = _mm512_add_epi32(rz1, s##n);
+  WF_SUM(1) WF_SUM(2) WF_SUM(3) WF_SUM(4)
+  auto digits_sum = [](__m512i t, __m512i r) { return _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(t, t), t), r); };
+  const __m512i z0 = digits_sum(tz0, rz0), z1 = digits_sum(tz1, rz1);
 #undef WF_SUM
 #undef WF_STEP
 #undef WF_DECL
