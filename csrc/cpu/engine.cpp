@@ -216,7 +216,6 @@ void Model::load_weights(const std::string& head) {
   // maps file pages around a fault, which brought back about 1 MB of each layer's repacked TQ2_0
   // weights (measured).
   layers_.resize(size_t(hp_.n_layer));
-  norms_.reserve(size_t(4 * hp_.n_layer + 1));
   output_norm_ = norm("output_norm.weight", D);
   for (int64_t il = 0; il < hp_.n_layer; ++il) {
     Layer& L = layers_[size_t(il)];

@@ -78,7 +78,9 @@ class Model {
   const uint16_t* embd_f16_ = nullptr;  // token_embd, [n_vocab, n_embd]
   const float* embd_f32_ = nullptr;
   const float* output_norm_ = nullptr;
-  std::vector<std::vector<float>> norms_;  // every norm's weights, copied out of the file
+  // Every norm's weights, copied out of the file; layers_ point into them (an inner vector's buffer
+  // stays where it is when norms_ grows).
+  std::vector<std::vector<float>> norms_;
   Head head_ = Head::F16;
   const uint16_t* head_f16_ = nullptr;  // the output head as stored (token_embd or output.weight)
   const float* head_f32_ = nullptr;

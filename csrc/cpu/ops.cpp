@@ -197,6 +197,8 @@ float ternary_quant(const void* w, DType dt, int64_t n, int8_t* codes, float sca
       now.resize(size_t(m));
       before.resize(size_t(m));
       k.ternary_round(band.val.data(), DType::F32, m, inv, now.data());
+      // the codes written at the guess, rounded again from the noted values: reading them back
+      // from `codes` would be a cache miss each
       k.ternary_round(band.val.data(), DType::F32, m, g, before.data());
       changed.clear();
       for (int64_t i = 0; i < m; ++i)
