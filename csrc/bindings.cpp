@@ -57,6 +57,16 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int dt, int64_t n, bool squares) { return wf::pairwise_sum(ptr<const void>(x), dtype(dt), n, squares); },
       release(), "Fixed-order float64 sum of |x| (or x^2) over n elements (ops/reference.py: pairwise_sum).");
   m.def(
+      "rms_inv",
+      [](uintptr_t x, int dt, int64_t K, double eps) {
+        bool tree = false;
+        const float inv = wf::rms_inv(ptr<const void>(x), dtype(dt), K, eps, &tree);
+        return std::make_pair(inv, tree);
+      },
+      release(),
+      "RMSNorm's 1/rms of one row of K (ops/reference.py: rms_inv), and whether it needed the exact "
+      "pairwise sum (the fast sum's bracket straddled a rounding boundary), for tests of that path.");
+  m.def(
       "ternary_quant",
       [](uintptr_t w, int dt, int64_t n, uintptr_t codes, float scale_hint) {
         return wf::ternary_quant(ptr<const void>(w), dtype(dt), n, ptr<int8_t>(codes), scale_hint);

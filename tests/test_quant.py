@@ -1,5 +1,7 @@
 """ternary_quant, act_quant_int8, rmsnorm_act_quant against their references, bit for bit."""
 
+import math
+
 import pytest
 import torch
 
@@ -57,6 +59,16 @@ def test_pairwise_sum_hand_worked():
     assert torch.equal(reference.pairwise_sum(v), flat[:, 0])
 
 
+def test_reference_sqrt_is_ieee_rounded():
+    # torch's CPU float64 sqrt gives 2.593417014796253 for the first (an ulp above the IEEE root)
+    v = torch.tensor([6.725811812634708, 2.0, 1e-300, 0.0, float("inf")], dtype=torch.float64, requires_grad=True)
+    root = reference.sqrt_rn(v)
+    assert root.tolist() == [math.sqrt(x) for x in v.tolist()]
+    assert root[0].item() == 2.5934170147962528
+    root[:3].sum().backward()
+    assert torch.equal(v.grad[:3], 0.5 / torch.sqrt(v.detach()[:3]))
+
+
 def _kernel_pairwise_sum(x, squares):
     return _C.pairwise_sum(x.data_ptr(), quant.dtype_code(x), x.numel(), squares)
 
@@ -80,7 +92,7 @@ def test_pairwise_sum_kernel_matches_reference(isa, dtype, n, squares):
 @pytest.mark.parametrize("n", [5, 64, 100, 1024, 2560])
 def test_sum_of_squares_with_zeros_and_extremes(isa, dtype, n):
     # exact zeros (a squared-ReLU FFN's output is half zeros), the largest finite values and the
-    # smallest normal ones, among random values: the widening of squares works on the bits
+    # smallest normal ones, among random values
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 20, (n,), generator=g).float()
     x[torch.rand(n, generator=g) < 0.5] = 0.0
@@ -109,6 +121,76 @@ def test_sum_of_squares_special_values(isa, dtype, special, at):
     else:
         assert got == want
         assert (got == float("inf")) == special.endswith("inf")
+
+
+# ---- rms_inv: the fast sum's bracket, and the exact tree where the bracket straddles a boundary --
+
+
+def _kernel_rms_inv(x, eps):
+    return _C.rms_inv(x.data_ptr(), quant.dtype_code(x), x.numel(), eps)
+
+
+def _reference_rms_inv(x, eps):
+    return reference.rms_inv(x.view(1, -1), eps).item()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("k", [1, 7, 64, 65, 300, 2560, 6912 + 5])
+def test_rms_inv_matches_reference_without_the_tree(isa, dtype, k):
+    # values over 40 binades (24 in float16, which overflows above 2^16): the fast sum's order
+    # changes its low bits, never the float result; the inputs are seeded, and none of them lies
+    # near a rounding boundary, so none needs the tree
+    g = torch.Generator().manual_seed(k)
+    span = 12 if dtype == torch.float16 else 20
+    for _ in range(20):
+        x = torch.randn(k, generator=g) * 2.0 ** torch.randint(-span, span, (k,), generator=g).float()
+        x = x.to(dtype)
+        assert x.isfinite().all()
+        inv, tree = _kernel_rms_inv(x, 1e-6)
+        assert inv == _reference_rms_inv(x, 1e-6)
+        assert not tree
+
+
+def _midpoint_below(v):
+    """The largest midpoint between two neighbouring float32 values that is <= v (a double)."""
+    a = torch.tensor(v, dtype=torch.float64).to(torch.float32)  # nearest float32
+    inf = torch.tensor(float("inf"))
+    while True:
+        b = torch.nextafter(a, inf)
+        mid = (a.double().item() + b.double().item()) / 2  # exact in double
+        if mid <= v:
+            return mid
+        a = torch.nextafter(a, -inf)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("k", [1, 3, 300, 2560])
+def test_rms_inv_near_a_rounding_boundary_takes_the_tree(isa, dtype, k):
+    # eps puts 1 / sqrt(P / K + eps), P the pairwise sum, within about 1e-16 of the midpoint between
+    # two floats (eps is about 1e-7 of P / K, so the result follows P at half its relative change).
+    # The fast sum's bracket, at least 64 ulps wide, straddles the midpoint: only the exact sum can
+    # say on which side of it the result lies.
+    g = torch.Generator().manual_seed(k)
+    for _ in range(10):
+        x = (torch.randn(k, generator=g) * 3.0).to(dtype)
+        mean_square = _reference_pairwise_sum(x, True) / k
+        mid = _midpoint_below(1.0 / mean_square**0.5)
+        eps = 1.0 / (mid * mid) - mean_square
+        assert eps >= 0.0
+        inv, tree = _kernel_rms_inv(x, eps)
+        assert tree
+        assert inv == _reference_rms_inv(x, eps)
+        assert abs(inv - mid) < 1e-6 * mid  # one of the two floats beside the midpoint
+
+
+@pytest.mark.parametrize("special", ["inf", "nan"])
+def test_rms_inv_of_a_row_with_inf_or_nan_takes_the_tree(isa, special):
+    x = torch.randn(300)
+    x[17] = float(special)
+    inv, tree = _kernel_rms_inv(x, 1e-6)
+    want = _reference_rms_inv(x, 1e-6)
+    assert tree
+    assert inv == want or (inv != inv and want != want)
 
 
 def test_ternary_quant_large_tensor_spans_many_chunks(isa):

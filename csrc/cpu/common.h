@@ -119,6 +119,23 @@ double chunk_sum_generic(const void* x, int64_t n, bool squares) {
   return pairwise_reduce(buf, n);
 }
 
+// Portable Kernels::square_sum: eight partial sums, so the loop vectorizes without reassociation.
+template <DType D>
+double square_sum_generic(const void* x, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) {
+      const double v = double(load_f32<D>(x, i + j));
+      acc[j] += v * v;
+    }
+  for (; i < n; ++i) {
+    const double v = double(load_f32<D>(x, i));
+    acc[0] += v * v;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // Pairwise sum of a stream of block sums, each block a power of two of the same size: the
 // combination the padded tree makes. A binary counter merges equal-sized neighbours as they
 // complete (64 levels cover any count); result() adds what is left from the smallest (right-most)

@@ -25,6 +25,12 @@ struct Kernels {
   // Hints change no result.
   double (*chunk_sum)(const void* x, DType dt, int64_t n, bool squares, const void* next);
 
+  // The sum of x[i]^2 over any n elements in double, in any order: each square is exact in double,
+  // so the result is within (n - 1) * 2^-53 of the exact sum, relatively, as is the pairwise sum
+  // (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section 4.2). rms_inv
+  // brackets the pairwise sum with it. next: a hint, as in chunk_sum.
+  double (*square_sum)(const void* x, DType dt, int64_t n, const void* next);
+
   // out[i] = clamp(round(w[i] * inv), -1, 1) for n elements.
   void (*ternary_round)(const void* w, DType dt, int64_t n, float inv, int8_t* out);
 
@@ -149,11 +155,29 @@ inline double pairwise_sum(const Kernels& k, const void* x, DType dt, int64_t n,
 }
 
 // RMSNorm's 1 / sqrt(mean(x^2) + eps) of one row of K (DESIGN.md section 2; reference.rms_inv):
-// the pairwise sum, the division and the square root in double, rounded once to float.
-// next: the row read after this one (a hint, or nullptr).
-inline float rms_inv(const Kernels& k, const void* x, DType dt, int64_t K, double eps, const void* next = nullptr) {
-  return float(1.0 / std::sqrt(pairwise_sum(k, x, dt, K, /*squares=*/true, next) / double(K) + eps));
+// the pairwise sum, the division and the square root in double, rounded once to float. Every step
+// after the sum is monotone in it, so where the two ends of a bracket around the pairwise sum give
+// the same float, that float is the answer. The bracket comes from square_sum, a few times faster
+// than the tree: the pairwise sum P and square_sum's F are both within (K - 1) * 2^-53 of the exact
+// sum, relatively, so for K <= 2^28 P is within F * (1 +- (K + 64) * 2^-52) (the 64 covers the
+// second-order terms and the two products' own rounding). The ends round to different floats only
+// where the result lies within about K * 2^-52 of a rounding boundary, relatively (a few rows in a
+// million at K = 2560); those rows, and infinities and NaNs, take the tree. *tree (if not nullptr)
+// says whether the tree was needed. next: the row read after this one (a hint, or nullptr).
+inline float rms_inv(const Kernels& k, const void* x, DType dt, int64_t K, double eps, const void* next = nullptr,
+                     bool* tree = nullptr) {
+  const auto inv = [&](double sum) { return float(1.0 / std::sqrt(sum / double(K) + eps)); };
+  const double fast = k.square_sum(x, dt, K, next);
+  if (std::isfinite(fast) && K <= (int64_t(1) << 28)) {
+    const double margin = double(K + 64) * 0x1p-52;
+    const float a = inv(fast * (1.0 + margin)), b = inv(fast * (1.0 - margin));
+    if (a == b) {
+      if (tree) *tree = false;
+      return a;
+    }
+  }
+  if (tree) *tree = true;
+  return inv(pairwise_sum(k, x, dt, K, /*squares=*/true));
 }
-
 
 }  // namespace wf

@@ -54,6 +54,10 @@ double chunk_sum(const void* x, DType dt, int64_t n, bool squares, const void* /
   return dispatch_dtype(dt, [&]<DType D>() { return chunk_sum_generic<D>(x, n, squares); });
 }
 
+double square_sum(const void* x, DType dt, int64_t n, const void* /*next*/) {
+  return dispatch_dtype(dt, [&]<DType D>() { return square_sum_generic<D>(x, n); });
+}
+
 // Rounds 8 floats to nearest even and clamps to [lo, hi] as int32.
 inline __m256i round_clamp(__m256 v, float lo, float hi) {
   v = _mm256_round_ps(v, kRoundNearest);
@@ -220,7 +224,7 @@ int64_t int8_macs(int64_t iters) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{"avx2",          chunk_sum,         ternary_round,
+  static const Kernels k{"avx2",          chunk_sum,         square_sum,        ternary_round,
                          generic_ternary_chunk<ternary_round>, act_quant_row,
                          norm_quant_row,   i2s_prepare_row,  i2s_gemm,        /*i2s_natural_rows=*/1,
                          i2s_prepare_row, generic_tq1_gemm, /*tq1_natural_rows=*/1, /*tq1_fast=*/false,

@@ -154,7 +154,7 @@ struct PairCounter {
   }
 };
 
-// The pairwise tree itself: chunk_sum where AbsSum cannot be exact, and square_sum_t's fallback.
+// The pairwise tree itself: chunk_sum of squares, and of |x| where AbsSum cannot be exact.
 template <DType D>
 double tree_sum_t(const void* x, int64_t n, bool squares, const void* next) {
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
@@ -167,72 +167,49 @@ double tree_sum_t(const void* x, int64_t n, bool squares, const void* next) {
   return tree.finish(i / 64);
 }
 
-// Squares for the tree without widening shuffles. A float |x| = 2^(e - 127) (1 + m / 2^23) with
-// 1 <= e <= 254 has e in the low 8 bits of a double's 11-bit exponent field and m at the top of its
-// mantissa once shifted left by 29; setting the field's top bit (1024) makes that double
-// 2^(e + 1) (1 + m / 2^23) = |x| * 2^128, exactly. Each 64-bit lane of 16 floats holds a pair of
-// neighbours, so one shift apiece puts x[2j] and x[2j + 1] in lane j of two vectors: level 1 of the
-// tree is one FMA per 8 pairs, in order, with no unpacking. The squares are x^2 * 2^256, below
-// 2^512, and every partial sum of them is the unscaled one times 2^256 exactly. Zeros (and lanes
-// past n) are masked to zero; a subnormal, an infinity or a NaN sets its lane in `flagged`.
+// Elements i..i+7 of x, all present, widened to doubles.
 template <DType D>
-inline __m512d square_pairs(const void* x, int64_t i, __mmask16 m, __mmask16& flagged) {
-  const __m512 v = load16<D>(x, i, m);
-  flagged |= _mm512_mask_fpclass_ps_mask(m, v, 0x01 | 0x08 | 0x10 | 0x20 | 0x80);  // NaNs, infinities, subnormals
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i field = _mm512_set1_epi64(0x0FFFFFFFE0000000ll);  // exponent bits 0-7 and mantissa bits 29-51
-  const __m512i top = _mm512_set1_epi64(0x4000000000000000ll);    // exponent bit 10
-  constexpr int kFieldOrTop = 0xEA;                                // ternary logic: (a & b) | c
-  const __mmask8 lo = _mm512_test_epi64_mask(bits, _mm512_set1_epi64(0x000000007fffffffll));
-  const __mmask8 hi = _mm512_test_epi64_mask(bits, _mm512_set1_epi64(0x7fffffff00000000ll));
-  const __m512d a = _mm512_castsi512_pd(_mm512_maskz_ternarylogic_epi64(lo, _mm512_slli_epi64(bits, 29), field, top, kFieldOrTop));
-  const __m512d b = _mm512_castsi512_pd(_mm512_maskz_ternarylogic_epi64(hi, _mm512_srli_epi64(bits, 3), field, top, kFieldOrTop));
-  return _mm512_fmadd_pd(b, b, _mm512_mul_pd(a, a));
-}
-
-// Levels 1 to 3 of the tree over the 64 values at x + i (zeros past n) from square_pairs, scaled by
-// 2^256: the 8 sums of 8 neighbours, in order. Level 2 pairs neighbouring lanes with in-lane
-// unpacks (lanes come out a0 b0 a1 b1 ... for vectors a, b), level 3 with a permute that also puts
-// the lanes in order.
-template <DType D, bool Tail>
-inline __m512d square_leaf64(const void* x, int64_t i, int64_t n, __mmask16& flagged) {
-  __m512d r[4];
-  for (int m = 0; m < 4; ++m) {
-    const int64_t at = i + 16 * m;
-    const __mmask16 k = !Tail || n - at >= 16 ? __mmask16(0xffff) : at < n ? tail_mask(n - at) : __mmask16(0);
-    r[m] = square_pairs<D>(x, at, k, flagged);
+inline __m512d load8_f64(const void* x, int64_t i) {
+  if constexpr (D == DType::F32) {
+    return _mm512_cvtps_pd(_mm256_loadu_ps(static_cast<const float*>(x) + i));
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
+    if constexpr (D == DType::BF16) return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    else return _mm512_cvtps_pd(_mm256_cvtph_ps(h));
   }
-  const __m512d s01 = _mm512_add_pd(_mm512_unpacklo_pd(r[0], r[1]), _mm512_unpackhi_pd(r[0], r[1]));
-  const __m512d s23 = _mm512_add_pd(_mm512_unpacklo_pd(r[2], r[3]), _mm512_unpackhi_pd(r[2], r[3]));
-  const __m512i left = _mm512_setr_epi64(0, 4, 1, 5, 8, 12, 9, 13), right = _mm512_setr_epi64(2, 6, 3, 7, 10, 14, 11, 15);
-  return _mm512_add_pd(_mm512_permutex2var_pd(s01, left, s23), _mm512_permutex2var_pd(s01, right, s23));
 }
 
-// The sum of x^2 over n <= kPairChunk values: the pairwise tree, from square_pairs where every
-// value is zero or normal, else from leaf64.
+// kernels.h: square_sum. Each square of a float is exact in double, so one FMA per 8 values into
+// eight accumulators gives a sum within (n - 1) * 2^-53 of the exact one, relatively.
 template <DType D>
 double square_sum_t(const void* x, int64_t n, const void* next) {
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
-  PairCounter tree;
-  __mmask16 flagged = 0;
+  __m512d acc[8];
+  for (auto& a : acc) a = _mm512_setzero_pd();
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
     if (next) prefetch_part(next, i * es, (i + 64) * es);
-    tree.push(square_leaf64<D, false>(x, i, n, flagged));
+    for (int j = 0; j < 8; ++j) {
+      const __m512d v = load8_f64<D>(x, i + 8 * j);
+      acc[j] = _mm512_fmadd_pd(v, v, acc[j]);
+    }
   }
-  if (i < n) {
-    if (next) prefetch_part(next, i * es, n * es);
-    tree.push(square_leaf64<D, true>(x, i, n, flagged));
-    i += 64;
+  if (next) prefetch_part(next, i * es, n * es);
+  for (int j = 0; i < n; i += 8, ++j) {
+    const __m512d v = load8_f64<D>(x, i, n);
+    acc[j] = _mm512_fmadd_pd(v, v, acc[j]);
   }
-  const double scaled = tree.finish(i / 64);
-  // An infinity or a NaN would pass as a finite square below 2^514, so they are flagged instead.
-  return flagged ? tree_sum_t<D>(x, n, /*squares=*/true, nullptr) : scaled * 0x1p-256;  // next: prefetched
+  for (int j = 0; j < 4; ++j) acc[j] = _mm512_add_pd(acc[j], acc[j + 4]);
+  return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
+}
+
+double square_sum(const void* x, DType dt, int64_t n, const void* next) {
+  return dispatch_dtype(dt, [&]<DType D>() { return square_sum_t<D>(x, n, next); });
 }
 
 template <DType D>
 double chunk_sum_t(const void* x, int64_t n, bool squares, const void* next) {
-  if (squares) return square_sum_t<D>(x, n, next);
+  if (squares) return tree_sum_t<D>(x, n, /*squares=*/true, next);
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
   AbsSum sum;
   int64_t i = 0;
@@ -1149,7 +1126,7 @@ int64_t int8_macs(int64_t iters) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{"avx512",       chunk_sum,        ternary_round, ternary_chunk, act_quant_row, norm_quant_row,
+  static const Kernels k{"avx512",       chunk_sum,        square_sum,    ternary_round, ternary_chunk, act_quant_row, norm_quant_row,
                          i2s_prepare_row, i2s_gemm,        kBandMinRows,  tq1_prepare_row, tq1_gemm, /*tq1_natural_rows=*/2, /*tq1_fast=*/true,
                          f16_gemm,        i8_gemm,         dot_f32,
                          axpy_f32,        glu,             read_bytes,    int8_macs};

@@ -38,6 +38,11 @@ double pairwise_sum(const void* x, DType dt, int64_t n, bool squares) {
   return pairwise_sum(active_kernels(), x, dt, n, squares);
 }
 
+float rms_inv(const void* x, DType dt, int64_t K, double eps, bool* tree) {
+  check_positive("K", K);
+  return rms_inv(active_kernels(), x, dt, K, eps, nullptr, tree);
+}
+
 namespace {
 
 // The pairwise sum of |w| over [0, n), in parallel blocks combined in order (the result does not

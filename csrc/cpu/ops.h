@@ -12,6 +12,9 @@ namespace wf {
 
 // Pairwise sum (common.h) of |x[i]|, or x[i]^2 when squares, in double, on the active ISA.
 double pairwise_sum(const void* x, DType dt, int64_t n, bool squares);
+// RMSNorm's inv_rms of one row of K (kernels.h: rms_inv); *tree says whether the exact pairwise
+// sum was needed, for tests of that path.
+float rms_inv(const void* x, DType dt, int64_t K, double eps, bool* tree);
 
 // codes[i] = clamp(round(w[i] * (1 / s)), -1, 1) with s = max(mean|w|, 1e-5); returns s.
 // scale_hint: a guess at s (say, the last step's scale of a weight being trained), or 0 to estimate

@@ -14,6 +14,7 @@ integer outputs of every backend match them bit for bit:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,11 +80,24 @@ def act_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return _absmax_quant(x.to(torch.float32))
 
 
+def sqrt_rn(v: Tensor) -> Tensor:
+    """The IEEE (correctly rounded) square root of float64 ``v``. torch's CPU ``sqrt`` of float64 is
+    a vectorized library routine that can be an ulp off (2.593417014796253 for the root of
+    6.725811812634708, whose IEEE root is 2.5934170147962528); numpy's is the hardware instruction.
+    CUDA's is IEEE. The gradient is torch's: the correction, exact in float64, is a constant (zero
+    where both roots are inf or NaN)."""
+    root = torch.sqrt(v)
+    if v.device.type != "cpu":
+        return root
+    ieee = torch.from_numpy(np.sqrt(v.detach().numpy()))
+    return root + torch.nan_to_num(ieee - root.detach(), nan=0.0)
+
+
 def rms_inv(x: Tensor, eps: float) -> Tensor:
     """``inv_rms`` [N] of the rows of ``x`` [N, K]: ``float32(1 / sqrt(sum(x^2) / K + eps))`` with
-    the sum a float64 pairwise sum, the square root and division in float64."""
+    the sum a float64 pairwise sum, the square root and division in float64, IEEE-rounded."""
     ms = pairwise_sum(x.to(torch.float32).to(torch.float64).square()) / x.shape[-1]
-    return (1.0 / torch.sqrt(ms + eps)).to(torch.float32)
+    return (1.0 / sqrt_rn(ms + eps)).to(torch.float32)
 
 
 def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
