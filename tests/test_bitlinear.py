@@ -228,6 +228,20 @@ def test_packed_matches_fake_quant_with_subln_and_leading_dims():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [256, 200])  # 256: one bitlinear_infer call; 200: padded, two ops
+def test_packed_forward_is_the_ops_bit_for_bit(dtype, k):
+    layer = BitLinear(k, 24, bias=True).pack()
+    x = torch.randn(3, k).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+    q, x_scale = ops.act_quant_int8(x)
+    q = F.pad(q, (0, layer.padded_in_features - k))
+    want = (ops.i2s_matmul(q, x_scale, layer.packed, 24) + layer.bias.detach().float()).to(dtype)
+    assert y.dtype == dtype
+    assert torch.equal(y, want)
+
+
 def test_packed_layer_holds_a_quarter_byte_per_weight():
     m, k = 96, 512
     layer = BitLinear(k, m, bias=False).pack()

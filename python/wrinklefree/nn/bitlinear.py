@@ -138,6 +138,10 @@ class BitLinear(nn.Linear):
             h = self.qsparse(h)
         if self.is_packed:
             h2 = _kernel_dtype(h.detach().reshape(-1, self.in_features).contiguous())
+            if self.padded_in_features == self.in_features:
+                # quantize and multiply in one op call (the same bits as the two ops)
+                y = ops.bitlinear_infer(h2 if h2.dtype != torch.float16 else h2.float(), self.packed, self.out_features)
+                return self._finish(y, h)
             q, x_scale = ops.act_quant_int8(h2)
             return self._packed_matmul(q, x_scale, h)
         if self._use_fused():
@@ -218,7 +222,10 @@ class BitLinear(nn.Linear):
         pad = self.padded_in_features - self.in_features
         if pad:
             q = F.pad(q, (0, pad))
-        y = ops.i2s_matmul(q, x_scale, self.packed, self.out_features)
+        return self._finish(ops.i2s_matmul(q, x_scale, self.packed, self.out_features), like)
+
+    def _finish(self, y: Tensor, like: Tensor) -> Tensor:
+        """The packed product ``y`` float32 [N, out] plus bias, shaped and typed like ``like``."""
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
         return y.to(like.dtype).reshape(*like.shape[:-1], self.out_features)
