@@ -296,17 +296,20 @@ def test_ternary_quant_scale_hint_must_be_finite_and_not_negative():
 @pytest.mark.parametrize("n", [1000, 1024])
 @pytest.mark.parametrize("span", [18, 19, 20, 21, 24])
 def test_pairwise_abs_sum_exact_fast_path_boundary(isa, n, span):
-    # |x| in two binades `span` apart, random mantissas: up to 19 apart every partial sum of 1024
-    # is exact in double and any order gives the reference's bits (the AVX-512 kernel then sums
-    # without the tree); further apart the order matters and the tree must be used.
+    # |x| in two binades `span` apart, random mantissas, at random places (so that every SIMD lane
+    # sums both): up to 19 apart every partial sum of 1024 is exact in double and any order gives
+    # the reference's bits (the AVX-512 and AVX2 kernels then sum without the tree); further apart
+    # the order matters and the tree must be used.
     g = torch.Generator().manual_seed(span)
-    big = (1 + torch.rand(n, generator=g)) * 2.0**span
-    small = 1 + torch.rand(n, generator=g)
-    x = torch.where(torch.arange(n) % 2 == 0, big, -small).float()
-    want = reference.pairwise_sum(x.double().abs().view(1, -1)).item()
-    assert _C.pairwise_sum(x.data_ptr(), 0, n, False) == want
-    if span >= 21:
-        assert sum(x.double().abs().tolist()) != want  # left to right rounds differently here
+    left_to_right_differs = 0
+    for _ in range(8):
+        big = (1 + torch.rand(n, generator=g)) * 2.0**span
+        small = 1 + torch.rand(n, generator=g)
+        x = torch.where(torch.rand(n, generator=g) < 0.5, big, -small).float()
+        want = reference.pairwise_sum(x.double().abs().view(1, -1)).item()
+        assert _C.pairwise_sum(x.data_ptr(), 0, n, False) == want
+        left_to_right_differs += sum(x.double().abs().tolist()) != want
+    assert (left_to_right_differs > 0) == (span >= 21)  # the order matters only past 19 binades here
 
 
 # ---- act_quant_int8 ---------------------------------------------------------------------------

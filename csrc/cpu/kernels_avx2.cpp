@@ -50,9 +50,6 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-double chunk_sum(const void* x, DType dt, int64_t n, bool squares, const void* /*next*/) {
-  return dispatch_dtype(dt, [&]<DType D>() { return chunk_sum_generic<D>(x, n, squares); });
-}
 
 double square_sum(const void* x, DType dt, int64_t n, const void* /*next*/) {
   return dispatch_dtype(dt, [&]<DType D>() { return square_sum_generic<D>(x, n); });
@@ -84,6 +81,94 @@ void ternary_round(const void* w, DType dt, int64_t n, float inv, int8_t* out) {
       const int64_t c = std::min<int64_t>(8, n - i);
       store8_i8(out + i, round_clamp(_mm256_mul_ps(load8<D>(w, i, c), vinv), -1.0f, 1.0f), c);
     }
+  });
+}
+
+inline int32_t bits_of(float f) {
+  int32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// The sum of |x| over at most kPairChunk values in any order, where that is exact: where the
+// nonzero |x| span at most 19 binades (the argument is at AbsSum in kernels_avx512.cpp).
+struct AbsSum {
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  __m256i max = _mm256_setzero_si256(), min_less_one = _mm256_set1_epi32(-1);  // zero -> 0xffffffff
+
+  // Adds x; returns |x|.
+  __m256 add(__m256 x) {
+    const __m256 a = abs_ps(x);
+    const __m256i bits = _mm256_castps_si256(a);
+    max = _mm256_max_epu32(max, bits);
+    min_less_one = _mm256_min_epu32(min_less_one, _mm256_sub_epi32(bits, _mm256_set1_epi32(1)));
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+    return a;
+  }
+  // The sum, if exact (false also for an inf or a NaN).
+  bool exact(double* sum) const {
+    alignas(32) uint32_t top_lanes[8], least_lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(top_lanes), max);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(least_lanes), min_less_one);
+    const uint32_t top = *std::max_element(top_lanes, top_lanes + 8);
+    const uint32_t least = *std::min_element(least_lanes, least_lanes + 8) + 1u;
+    if (top >= 0x7f800000u) return false;
+    if (least != 0u && int(top >> 23) - std::max(int(least >> 23), 1) > 19) return false;
+    alignas(32) double s[4];
+    _mm256_store_pd(s, _mm256_add_pd(lo, hi));
+    *sum = (s[0] + s[1]) + (s[2] + s[3]);
+    return true;
+  }
+};
+
+double chunk_sum(const void* x, DType dt, int64_t n, bool squares, const void* /*next*/) {
+  return dispatch_dtype(dt, [&]<DType D>() {
+    if (!squares) {
+      AbsSum sum;
+      for (int64_t i = 0; i < n; i += 8) sum.add(load8<D>(x, i, std::min<int64_t>(8, n - i)));
+      double total;
+      if (sum.exact(&total)) return total;
+    }
+    return chunk_sum_generic<D>(x, n, squares);
+  });
+}
+
+// kernels.h: ternary_chunk, one read of each value as in kernels_avx512.cpp: AbsSum's sum (the
+// tree only where it cannot be exact), the code by one compare (for finite y, clamp(round(y), -1,
+// 1) is sign(y) where |y| > 0.5, else 0) and the band by another.
+double ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band, int8_t* out, int32_t* pos,
+                     float* val, int64_t* count, const void* /*next*/) {
+  return dispatch_dtype(dt, [&]<DType D>() {
+    const __m256 inv = _mm256_set1_ps(band.inv);
+    const __m256i half = _mm256_set1_epi32(0x3f000000), one = _mm256_set1_epi32(1);  // half: 0.5f
+    // |y| in [lo, hi] as one unsigned compare of the bits (non-negative floats order as their bits)
+    const __m256i lo = _mm256_set1_epi32(bits_of(band.lo)), span = _mm256_set1_epi32(bits_of(band.hi) - bits_of(band.lo));
+    AbsSum sum;
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i += 8) {
+      const int64_t m = std::min<int64_t>(8, n - i);
+      const __m256 x = load8<D>(w, i, m);
+      const __m256i y = _mm256_castps_si256(_mm256_mul_ps(sum.add(x), inv));  // |x| * inv = |x * inv|
+      const __m256i nonzero = _mm256_cmpgt_epi32(y, half);
+      const __m256i sign = _mm256_or_si256(_mm256_srai_epi32(_mm256_castps_si256(x), 31), one);  // -1 or 1
+      store8_i8(out + i, _mm256_and_si256(nonzero, sign), m);
+      const __m256i d = _mm256_sub_epi32(y, lo);
+      int in_band = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_min_epu32(d, span), d)));
+      in_band &= (1 << m) - 1;
+      if (in_band) {  // rare
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, x);
+        for (; in_band; in_band &= in_band - 1) {
+          const int j = __builtin_ctz(unsigned(in_band));
+          pos[c] = int32_t(i + j);
+          val[c++] = lanes[j];
+        }
+      }
+    }
+    *count = c;
+    double total;
+    return sum.exact(&total) ? total : chunk_sum_generic<D>(w, n, /*squares=*/false);
   });
 }
 
@@ -225,7 +310,7 @@ int64_t int8_macs(int64_t iters) {
 
 const Kernels& kernels() {
   static const Kernels k{"avx2",          chunk_sum,         square_sum,        ternary_round,
-                         generic_ternary_chunk<ternary_round>, act_quant_row,
+                         ternary_chunk,    act_quant_row,
                          norm_quant_row,   i2s_prepare_row,  i2s_gemm,        /*i2s_natural_rows=*/1,
                          i2s_prepare_row, generic_tq1_gemm, /*tq1_natural_rows=*/1, /*tq1_fast=*/false,
                          generic_f16_gemm,
