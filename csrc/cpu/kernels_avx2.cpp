@@ -218,6 +218,17 @@ int32_t i2s_prepare_row(const int8_t* q, int64_t K, int8_t* out) {
   return sum;
 }
 
+// Decode (one activation row) is memory bound: as in the AVX-512 kernel, the hardware prefetchers
+// alone keep too few lines in flight for a core to reach DRAM bandwidth, so each row's stream is
+// also prefetched into L2 kPrefetchBytes ahead (the rows of a tile are adjacent, so this runs ahead
+// of the tiles that follow), and the first kPrefetchBytes of a call are requested at its start.
+constexpr int64_t kPrefetchBytes = 8192;
+
+inline void prefetch_head(const uint8_t* W, int64_t row_bytes, int64_t m0, int64_t m1) {
+  const int64_t head = std::min<int64_t>(kPrefetchBytes, (m1 - m0) * row_bytes);
+  for (int64_t off = 0; off < head; off += 64) _mm_prefetch((const char*)(W + m0 * row_bytes + off), _MM_HINT_T2);
+}
+
 template <int R, int C>
 void gemm_tile(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_bytes, int32_t* dots) {
   __m256i acc[R][C];
@@ -226,6 +237,8 @@ void gemm_tile(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_byte
   const __m256i mask3 = _mm256_set1_epi8(3), ones16 = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < K / 128; ++b) {
     __m256i raw[C], part[R][C];
+    if (R == 1 && b % 2 == 0)  // one 64-byte line per two blocks
+      for (int c = 0; c < C; ++c) _mm_prefetch((const char*)(W + c * row_bytes + b * 32 + kPrefetchBytes), _MM_HINT_T2);
     for (int c = 0; c < C; ++c) raw[c] = _mm256_loadu_si256((const __m256i*)(W + c * row_bytes + b * 32));
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) part[r][c] = _mm256_setzero_si256();
@@ -260,6 +273,7 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
               const uint8_t* W, float w_scale, int64_t m0, int64_t m1, float* out, int64_t ldo) {
   const int64_t row_bytes = K / 4;
   const int64_t R = N == 1 ? 1 : 2, C = N == 1 ? 4 : 2;
+  if (N == 1) prefetch_head(W, row_bytes, m0, m1);
   for_each_tile(N, m0, m1, R, C, rowsum, x_scale, w_scale, out, ldo,
                 [&](int64_t n, int64_t m, int64_t r, int64_t c, int32_t* dots) {
                   kTiles[r - 1][c - 1](acts + n * K, K, W + m * row_bytes, row_bytes, dots);
