@@ -140,6 +140,24 @@ PYBIND11_MODULE(_C, m) {
       },
       release());
 
+  // The inference engine's output-head kernels on the active ISA, for tests against torch
+  // (kernels.h: f16_gemm, i8_gemm); weight rows [0, M), out [N, M].
+  m.def(
+      "f16_gemm",
+      [](uintptr_t x, int64_t N, int64_t K, uintptr_t W, int64_t M, uintptr_t out) {
+        if (N < 1 || K < 1 || M < 1) wf::fail("f16_gemm: N, K and M must be >= 1");
+        wf::active_kernels().f16_gemm(ptr<const float>(x), N, K, ptr<const uint16_t>(W), 0, M, ptr<float>(out), M);
+      },
+      release());
+  m.def(
+      "i8_gemm",
+      [](uintptr_t xu, uintptr_t x_scale, int64_t N, int64_t K, uintptr_t W, uintptr_t w_scale, uintptr_t wsum,
+         int64_t M, uintptr_t out) {
+        if (N < 1 || K < 1 || M < 1) wf::fail("i8_gemm: N, K and M must be >= 1");
+        wf::active_kernels().i8_gemm(ptr<const uint8_t>(xu), ptr<const float>(x_scale), N, K, ptr<const int8_t>(W),
+                                     ptr<const float>(w_scale), ptr<const int32_t>(wsum), 0, M, ptr<float>(out), M);
+      },
+      release());
   m.def(
       "packed_bytes",
       [](const std::string& fmt, int64_t M, int64_t K) { return wf::packed_bytes(wf::format_info(fmt), M, K); });

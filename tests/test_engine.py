@@ -86,9 +86,10 @@ def test_decode_with_cache_equals_prefill(exported):
     torch.testing.assert_close(run(engine, IDS[5:]), full[5:], rtol=0, atol=0)
 
 
-def test_threads_and_isas_agree(exported):
+@pytest.mark.parametrize("head", ["f16", "int8"])
+def test_threads_and_isas_agree(exported, head):
     _, _, path = exported
-    engine = _C.Engine(str(path), 64, "f16")
+    engine = _C.Engine(str(path), 64, head)
     base = run(engine, IDS)
     threads, isa = ops.get_num_threads(), ops.get_isa()
     try:
@@ -294,3 +295,41 @@ def test_block_scales_must_agree(tokenizer, tmp_path, outtype):
     bad.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight: its .* blocks have different scales"):
         _C.Engine(str(bad), 16, "f16")
+
+
+# ---- the output head's kernels, on every ISA ------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("k", [1, 7, 31, 32, 33, 100, 2560])
+@pytest.mark.parametrize("m", [1, 5])
+def test_f16_head_kernel_matches_torch(isa, n, k, m):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(n, k, generator=g)
+    w = torch.randn(m, k, generator=g).to(torch.float16)
+    out = torch.empty(n, m)
+    _C.f16_gemm(x.data_ptr(), n, k, w.data_ptr(), m, out.data_ptr())
+    want = x.double() @ w.double().T  # float sums in another order: close, not equal
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("k", [1, 7, 31, 32, 33, 64, 100, 2560])
+@pytest.mark.parametrize("m", [1, 5])
+def test_int8_head_kernel_is_exact(isa, n, k, m):
+    # the integer sum is exact on every ISA, including q = -128 against W = +-127, so the float
+    # step float(D) / x_scale * w_scale gives the same bits as torch's
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int32)
+    q[:, 0] = -128
+    w = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int32)
+    w[:, 0] = 127
+    x_scale, w_scale = torch.rand(n, generator=g) + 0.5, torch.rand(m, generator=g) + 0.5
+    xu = (q + 128).to(torch.uint8)
+    w8 = w.to(torch.int8)
+    wsum = w.sum(1).to(torch.int32)
+    out = torch.empty(n, m)
+    _C.i8_gemm(xu.data_ptr(), x_scale.data_ptr(), n, k, w8.data_ptr(), w_scale.data_ptr(), wsum.data_ptr(), m,
+               out.data_ptr())  # fmt: skip
+    d = (q.long() @ w.long().T).to(torch.float32)
+    assert torch.equal(out, d / x_scale[:, None] * w_scale[None, :])

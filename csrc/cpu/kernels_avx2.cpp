@@ -281,6 +281,39 @@ void i2s_gemm(const int8_t* acts, const int32_t* rowsum, const float* x_scale, i
                 });
 }
 
+// ---- engine float kernels (kernels.h; tolerance-exact) -----------------------------------------
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// The f16 output head: F16C converts 8 weights per instruction; four FMA chains per row.
+void f16_gemm(const float* x, int64_t N, int64_t K, const uint16_t* W, int64_t m0, int64_t m1, float* out,
+              int64_t ldo) {
+  const int64_t K32 = K / 32 * 32;
+  auto w8 = [](const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint16_t* w = W + m * K;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* xr = x + n * K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t k = 0;
+      for (; k < K32; k += 32) {
+        a0 = _mm256_fmadd_ps(w8(w + k), _mm256_loadu_ps(xr + k), a0);
+        a1 = _mm256_fmadd_ps(w8(w + k + 8), _mm256_loadu_ps(xr + k + 8), a1);
+        a2 = _mm256_fmadd_ps(w8(w + k + 16), _mm256_loadu_ps(xr + k + 16), a2);
+        a3 = _mm256_fmadd_ps(w8(w + k + 24), _mm256_loadu_ps(xr + k + 24), a3);
+      }
+      float acc = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; k < K; ++k) acc += xr[k] * f16_to_f32(w[k]);
+      out[n * ldo + m] = acc;
+    }
+  }
+}
+
 uint64_t read_bytes(const uint8_t* p, int64_t n) {
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t i = 0; i < n; i += 128) {
@@ -327,7 +360,7 @@ const Kernels& kernels() {
                          ternary_chunk,    act_quant_row,
                          norm_quant_row,   i2s_prepare_row,  i2s_gemm,        /*i2s_natural_rows=*/1,
                          i2s_prepare_row, generic_tq1_gemm, /*tq1_natural_rows=*/1, /*tq1_fast=*/false,
-                         generic_f16_gemm,
+                         f16_gemm,
                          generic_i8_gemm,  generic_dot_f32,  generic_axpy_f32, generic_glu,     read_bytes,
                          int8_macs};
   return k;
