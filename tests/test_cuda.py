@@ -602,7 +602,7 @@ def test_i2s_matmul_on_side_stream(native_core, n):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 8, 9, 130])
 def test_bitlinear_infer_matches_reference(native_core, n, dtype):
     m, k = 257, 768

@@ -61,7 +61,7 @@ def test_i2s_matmul_equals_dequantized_float_matmul():
     torch.testing.assert_close(ops.i2s_matmul(q, x_scale, packed, 40).double(), dense, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 3, 17])
 def test_bitlinear_infer_is_act_quant_then_matmul(isa, dtype, n):
     _, packed = packed_weight(33, 640)
@@ -105,7 +105,7 @@ def test_matmul_errors_name_the_argument():
     with pytest.raises(ValueError, match="all tensors must be on one device, got q on cpu, x_scale on meta"):
         ops.i2s_matmul(q, x_scale.to("meta"), packed, 8)
     with pytest.raises(TypeError, match="bitlinear_infer: x must have dtype float32, bfloat16"):
-        ops.bitlinear_infer(torch.ones(2, 256, dtype=torch.float16), packed, 8)
+        ops.bitlinear_infer(torch.ones(2, 256, dtype=torch.float64), packed, 8)
     with pytest.raises(ValueError, match="bitlinear_infer: x must be 2-D"):
         ops.bitlinear_infer(torch.ones(256), packed, 8)
 

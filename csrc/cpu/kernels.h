@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "cpu/common.h"
 
@@ -109,6 +110,24 @@ inline int64_t tq1_prepared_bytes(int64_t K) { return (K / 256 + 3) / 4 * 1024; 
 // so these must not be shared symbols (the linker could hand the AVX-512 copy to the scalar
 // path): the anonymous namespace gives every translation unit its own copy.
 namespace {
+
+inline int32_t bits_of(float f) {
+  int32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// Whether the sum of at most kPairChunk values |x| is the same in any order, given the largest bit
+// pattern `top` among them and the smallest nonzero one `least` (0: all are zero): the per-ISA
+// AbsSum accumulators then skip the pairwise tree. It is so when the nonzero |x| span at most 19
+// binades: each is a multiple of the smallest one's ulp, 2^(e_lo - 150) (e: the biased exponent,
+// at least 1), and below 2^(e_hi - 126), so any sum of 2^10 of them is a multiple of that ulp below
+// 2^(e_hi - e_lo + 34) <= 2^53 of it: a double. Every partial sum of the tree is then exact, and so
+// equals any other order's. An inf or a NaN (top at or above the inf pattern) never is.
+inline bool abs_sum_order_free(uint32_t top, uint32_t least) {
+  if (top >= 0x7f800000u) return false;
+  return least == 0u || int(top >> 23) - std::max(int(least >> 23), 1) <= 19;
+}
 
 // The float step of the I2_S matmul, in this order in every backend: float(D - S) / x_scale * w_scale.
 inline float i2s_rescale(int32_t dot, int32_t rowsum, float x_scale, float w_scale) {

@@ -50,7 +50,6 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-
 double square_sum(const void* x, DType dt, int64_t n, const void* /*next*/) {
   return dispatch_dtype(dt, [&]<DType D>() { return square_sum_generic<D>(x, n); });
 }
@@ -84,14 +83,8 @@ void ternary_round(const void* w, DType dt, int64_t n, float inv, int8_t* out) {
   });
 }
 
-inline int32_t bits_of(float f) {
-  int32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
-
-// The sum of |x| over at most kPairChunk values in any order, where that is exact: where the
-// nonzero |x| span at most 19 binades (the argument is at AbsSum in kernels_avx512.cpp).
+// The sum of |x| over at most kPairChunk values in any order, where that is exact
+// (abs_sum_order_free, kernels.h).
 struct AbsSum {
   __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
   __m256i max = _mm256_setzero_si256(), min_less_one = _mm256_set1_epi32(-1);  // zero -> 0xffffffff
@@ -111,10 +104,9 @@ struct AbsSum {
     alignas(32) uint32_t top_lanes[8], least_lanes[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(top_lanes), max);
     _mm256_store_si256(reinterpret_cast<__m256i*>(least_lanes), min_less_one);
-    const uint32_t top = *std::max_element(top_lanes, top_lanes + 8);
-    const uint32_t least = *std::min_element(least_lanes, least_lanes + 8) + 1u;
-    if (top >= 0x7f800000u) return false;
-    if (least != 0u && int(top >> 23) - std::max(int(least >> 23), 1) > 19) return false;
+    if (!abs_sum_order_free(*std::max_element(top_lanes, top_lanes + 8),
+                            *std::min_element(least_lanes, least_lanes + 8) + 1u))
+      return false;
     alignas(32) double s[4];
     _mm256_store_pd(s, _mm256_add_pd(lo, hi));
     *sum = (s[0] + s[1]) + (s[2] + s[3]);

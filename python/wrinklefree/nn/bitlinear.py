@@ -140,8 +140,7 @@ class BitLinear(nn.Linear):
             h2 = _kernel_dtype(h.detach().reshape(-1, self.in_features).contiguous())
             if self.padded_in_features == self.in_features:
                 # quantize and multiply in one op call (the same bits as the two ops)
-                y = ops.bitlinear_infer(h2 if h2.dtype != torch.float16 else h2.float(), self.packed, self.out_features)
-                return self._finish(y, h)
+                return self._finish(ops.bitlinear_infer(h2, self.packed, self.out_features), h)
             q, x_scale = ops.act_quant_int8(h2)
             return self._packed_matmul(q, x_scale, h)
         if self._use_fused():

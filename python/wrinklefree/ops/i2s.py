@@ -15,7 +15,15 @@ from torch import Tensor
 
 from wrinklefree import _C
 from wrinklefree.ops import quant, reference
-from wrinklefree.ops._backend import call_op, check_same_device, check_tensor, cuda_core, dtype_code, use_native
+from wrinklefree.ops._backend import (
+    FLOAT_DTYPES,
+    call_op,
+    check_same_device,
+    check_tensor,
+    cuda_core,
+    dtype_code,
+    use_native,
+)
 from wrinklefree.ops.packing import FORMATS
 
 
@@ -128,7 +136,7 @@ def i2s_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, out_features: int) ->
 
 def _check_bitlinear_infer(x: Tensor, packed: Tensor, out_features: int) -> None:
     op = "bitlinear_infer"
-    check_tensor(op, "x", x, dtypes=(torch.float32, torch.bfloat16), ndim=2)
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_same_device(op, x=x, packed=packed)
     _check_packed(op, packed, out_features, x.shape[1])
 
@@ -174,7 +182,7 @@ def bitlinear_infer(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     :func:`i2s_matmul`, in one call.
 
     Args:
-        x: float32 or bfloat16 [N, K], contiguous, K a multiple of 128.
+        x: float32, bfloat16 or float16 [N, K], contiguous, K a multiple of 128.
         packed: uint8 [M*K/4 + 32] I2_S weights.
         out_features: M.
     Returns:
