@@ -83,6 +83,37 @@ def test_bitlinear_infer_approximates_linear():
     assert ((out - exact).norm() / exact.norm()).item() < 0.02
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_i2s_matmul_long_rows_do_not_overflow(isa, n):
+    # K = 2^19 + 128: the one-row AVX-512 path keeps its four sub-block sums shifted left by up
+    # to 6 bits; with codes +1 and -1 against -128 everywhere, the shifted whole-row sum is past
+    # 2^31, so the lanes must be shifted back before they are added up
+    k = (1 << 19) + 128
+    codes = torch.stack([torch.ones(k), -torch.ones(k), torch.zeros(k)]).to(torch.int8)
+    packed = ops.pack(codes, torch.tensor(1.0), "i2_s")
+    q = torch.full((n, k), -128, dtype=torch.int8)
+    if n > 1:
+        q[-1, ::3] = 127
+    x_scale = torch.ones(n)
+    assert torch.equal(ops.i2s_matmul(q, x_scale, packed, 3), reference.i2s_matmul(q, x_scale, packed, 3))
+    assert ops.i2s_matmul(q[:1], x_scale[:1], packed, 3).tolist() == [[-128.0 * k, 128.0 * k, 0.0]]
+
+
+def test_i2s_matmul_longest_row():
+    # K = 2^22 is the limit (no int32 sum can overflow up to it); one block more is refused
+    k = 1 << 22
+    packed = ops.pack(torch.ones(1, k, dtype=torch.int8), torch.tensor(1.0), "i2_s")
+    assert ops.i2s_matmul(torch.full((1, k), -128, dtype=torch.int8), torch.ones(1), packed, 1).item() == -128.0 * k
+    k += 128
+    packed = torch.zeros(k // 4 + 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="at most 2\\^22"):
+        ops.i2s_matmul(torch.zeros(1, k, dtype=torch.int8), torch.ones(1), packed, 1)
+    with pytest.raises(ValueError, match="at most 2\\^22"):
+        ops.bitlinear_infer(torch.zeros(1, k), packed, 1)
+    with pytest.raises(ValueError, match="limit of 2\\^22"):  # the core checks it too
+        _C.i2s_matmul(0, 0, 1, k, 0, packed.numel(), 1, 0)
+
+
 def test_matmul_errors_name_the_argument():
     _, packed = packed_weight(8, 256)
     q, x_scale = int8_acts(2, 256)

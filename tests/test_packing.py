@@ -114,15 +114,39 @@ def test_reference_pack_and_unpack_stay_on_the_inputs_device(fmt):
     assert out.device.type == "meta" and out.shape == (m, k) and scale.device.type == "meta"
 
 
-def test_unpack_rejects_invalid_codes():
-    packed = ops.pack(random_codes(2, 128), torch.tensor(1.0), "i2_s")
-    packed[3] = 0xFF  # code 3 is unused in i2_s
-    with pytest.raises(ValueError, match="not valid i2_s: row 0 holds the unused 2-bit code 3"):
-        ops.unpack(packed, (2, 128), "i2_s")
-    packed = ops.pack(random_codes(1, 256), torch.tensor(1.0), "tq2_0")
-    packed[0] = 0xFF
-    with pytest.raises(ValueError, match="not valid tq2_0"):
-        ops.unpack(packed, (1, 256), "tq2_0")
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_unpack_rejects_invalid_codes(backend):
+    ops.set_backend(backend)
+    try:
+        packed = ops.pack(random_codes(2, 128), torch.tensor(1.0), "i2_s")
+        packed[32 + 3] = 0xFF  # code 3 is unused in i2_s
+        with pytest.raises(ValueError, match="not valid i2_s: row 1 holds the unused 2-bit code 3"):
+            ops.unpack(packed, (2, 128), "i2_s")
+        packed = ops.pack(random_codes(1, 256), torch.tensor(1.0), "tq2_0")
+        packed[0] = 0xFF
+        with pytest.raises(ValueError, match="not valid tq2_0"):
+            ops.unpack(packed, (1, 256), "tq2_0")
+    finally:
+        ops.set_backend("native")
+
+
+@pytest.mark.parametrize("fmt", ["tq2_0", "tq1_0"])
+def test_nan_block_scales_keep_their_bits(isa, fmt):
+    # hand-worked: a NaN scale goes to fp16 quiet, with the top 10 bits of its payload; an fp16
+    # NaN (a signalling one too) comes back quiet with its payload, as vcvtph2ps converts it
+    to_half = {0x7FC12345: 0x7E09, 0x7FFFE000: 0x7FFF, 0x7FA00000: 0x7F00, 0xFFC00000: 0xFE00}
+    codes = random_codes(1, 256 * len(to_half))
+    scales = torch.tensor([np.uint32(b).view(np.int32) for b in to_half], dtype=torch.int32).view(torch.float32)
+    packed = ops.pack(codes, scales.view(1, -1), fmt)
+    halves = packed.view(len(to_half), -1)[:, -2:].contiguous().view(torch.int16).view(-1).to(torch.int32) & 0xFFFF
+    assert halves.tolist() == list(to_half.values())
+    to_float = {0x7C01: 0x7FC02000, 0xFC01: 0xFFC02000, 0x7D00: 0x7FE00000, 0x7E09: 0x7FC12000}
+    blocks = packed.view(len(to_half), -1)
+    blocks[:, -2:] = (
+        torch.tensor([np.uint16(h).view(np.int16) for h in to_float], dtype=torch.int16).view(torch.uint8).view(-1, 2)
+    )
+    _, got = ops.unpack(packed, (1, 256 * len(to_half)), fmt)
+    assert [b & 0xFFFFFFFF for b in got.view(torch.int32).view(-1).tolist()] == list(to_float.values())
 
 
 def test_pack_errors_name_the_argument():
@@ -158,5 +182,7 @@ def test_unpack_errors_name_the_argument():
         ops.unpack(packed.to(torch.int8), (2, 256), "i2_s")
     with pytest.raises(ValueError, match="shape must be \\[M, K\\]"):
         ops.unpack(packed, (2, 16, 16), "i2_s")
+    with pytest.raises(TypeError, match="unpack: shape must be \\[M, K\\] \\(a tuple or list of two ints\\), got int"):
+        ops.unpack(packed, 512, "i2_s")
     with pytest.raises(ValueError, match="multiple of 128"):
         ops.unpack(packed, (5, 100), "i2_s")

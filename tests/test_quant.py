@@ -341,6 +341,73 @@ def test_act_quant_zero_row_uses_floor(isa):
     assert not q.any()
 
 
+def rows_with_non_finite(k, dtype):
+    """Rows holding a NaN, an inf, a -inf, both, and a plain row, at varied places (first, last,
+    inside a vector, in the tail past the last full vector)."""
+    x = torch.randn(6, k) * 3.0
+    nan, inf = float("nan"), float("inf")
+    x[0, k // 2] = nan
+    x[1, k - 1] = inf
+    x[2, 0] = -inf
+    x[3, min(16, k - 1)] = nan
+    x[3, k // 3] = inf
+    x[4, k - 1] = nan
+    return x.to(dtype)
+
+
+def assert_non_finite_semantics(q, scale, x):
+    """reference.py's rule: a row holding a NaN has scale NaN, one holding an inf scale 0 (for
+    the activations), and the codes of either are all 0."""
+    has_nan = x.isnan().any(dim=1)
+    has_inf = x.isinf().any(dim=1) & ~has_nan
+    assert scale[has_nan].isnan().all()
+    assert (scale[has_inf] == 0).all()
+    assert not q[has_nan | has_inf].any()
+    assert scale[~has_nan & ~has_inf].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("k", [1, 7, 33, 64, 300, 2560])
+def test_act_quant_rows_with_nan_or_inf(isa, dtype, k):
+    x = rows_with_non_finite(k, dtype)
+    q, scale = ops.act_quant_int8(x)
+    ref_q, ref_scale = reference.act_quant_int8(x)
+    assert_same(q, ref_q)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0, equal_nan=True)
+    if k > 1:  # with K = 1 every row is one value
+        assert_non_finite_semantics(q, scale, x)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("k", [1, 7, 33, 300, 2560])
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_rmsnorm_act_quant_rows_with_nan_or_inf(isa, dtype, k, eps):
+    x = rows_with_non_finite(k, dtype)
+    x[5] = 0.0  # with eps = 0: inv_rms = inf, and 0 * inf is NaN
+    gain = torch.rand(k) + 0.5
+    q, scale = ops.rmsnorm_act_quant(x, gain, eps)
+    ref_q, ref_scale = reference.rmsnorm_act_quant(x, gain, eps)
+    assert_same(q, ref_q)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0, equal_nan=True)
+    assert not q[:5].any()  # an inf makes the row's mean square inf, so inv_rms = 0 and inf * 0 = NaN
+    if eps == 0.0:
+        assert scale[5].isnan() and not q[5].any()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("shape", [(3, 7), (65, 1025), (2048, 2049)])  # the last: the one-read path
+def test_ternary_quant_weight_with_nan_or_inf(isa, dtype, special, shape):
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    w.view(-1)[w.numel() // 3] = special
+    codes, scale = ops.ternary_quant(w)
+    ref_codes, ref_scale = reference.ternary_quant(w)
+    assert_same(codes, ref_codes)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0, equal_nan=True)
+    assert not codes.any()
+    assert scale.isnan() if special != special else scale.isinf()
+
+
 def test_act_quant_dequantizes_within_half_step():
     x = torch.randn(5, 333)
     q, scale = ops.act_quant_int8(x)
@@ -402,5 +469,7 @@ def test_quant_errors_name_the_argument():
         ops.rmsnorm_act_quant(torch.ones(2, 6), torch.ones(5))
     with pytest.raises(ValueError, match="eps must be >= 0"):
         ops.rmsnorm_act_quant(torch.ones(2, 6), torch.ones(6), -1.0)
+    with pytest.raises(TypeError, match="rmsnorm_act_quant: eps must be a float, got NoneType"):
+        ops.rmsnorm_act_quant(torch.ones(2, 6), torch.ones(6), None)
     with pytest.raises(ValueError, match="weight must be 1-D"):
         ops.rmsnorm_act_quant(torch.ones(2, 6), torch.ones(1, 6))

@@ -105,6 +105,48 @@ def test_ternary_quant_matches_reference(dtype, shape):
     same(scale, want_scale)
 
 
+def rows_with_non_finite(k: int, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(k)) * 3.0
+    x[0, k // 2] = float("nan")
+    x[1, k - 1] = float("inf")
+    x[2, 0] = -float("inf")
+    x[3, k // 3] = float("inf")
+    x[3, k - 1] = float("nan")
+    x[5] = 0.0  # rmsnorm with eps = 0: inv_rms = inf, and 0 * inf is NaN
+    return x.to(dtype)
+
+
+def same_nan(got, want) -> None:
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("k", [7, 300, 4096 + 905])
+def test_quantizers_rows_with_nan_or_inf(dtype, k):
+    # reference.py's rule: a row holding a NaN gets scale NaN, one holding an inf scale 0, and
+    # all codes 0 (a max of floats on the GPU would drop the NaN)
+    x = rows_with_non_finite(k, dtype)
+    q, scale = tq.act_quant_int8(x.to(DEVICE))
+    want_q, want_scale = reference.act_quant_int8(x)
+    same(q, want_q)
+    same_nan(scale, want_scale)
+    assert not q[:4].any()
+    gain = torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5
+    for eps in (1e-5, 0.0):
+        q, scale, _ = tq.rmsnorm_act_quant(x.to(DEVICE), gain.to(DEVICE), eps)
+        want_q, want_scale = reference.rmsnorm_act_quant(x, gain, eps)
+        same(q, want_q)
+        same_nan(scale, want_scale)
+    for special in (float("nan"), float("inf")):
+        w = x[4:5].clone()
+        w[0, 3] = special
+        codes, scale = tq.ternary_quant(w.to(DEVICE))
+        want_codes, want_scale = reference.ternary_quant(w)
+        same(codes, want_codes)
+        same_nan(scale, want_scale)
+        assert not codes.any()
+
+
 @pytest.mark.slow
 def test_ternary_quant_reduces_blocks_of_block_sums():
     # more than 1024 blocks of 1024: the block sums are summed by a second level of the tree

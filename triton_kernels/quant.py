@@ -31,10 +31,25 @@ def _warps(block: int) -> int:
 
 
 @triton.jit
+def _abs_max_bits(v):
+    """max |v| as its int32 bit pattern: NaN > inf > numbers, so a NaN wins, as in the reference
+    (tl.max of floats would drop it on the GPU)."""
+    return tl.max(tl.abs(v).to(tl.int32, bitcast=True), axis=0)
+
+
+@triton.jit
+def _act_scale(amax_bits, FLOOR: tl.constexpr):
+    """127 / max(max|x|, floor): NaN for a row holding a NaN, 0 for one holding an inf."""
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    return tl.div_rn(127.0, tl.maximum(amax, FLOOR, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
 def _quantize_row(y, scale):
-    """int8 codes of float32 ``y`` at ``scale``: clamp(round(y * scale), -128, 127)."""
+    """int8 codes of float32 ``y`` at ``scale``: clamp(round(y * scale), -128, 127); all 0 where the
+    scale is NaN or 0 (a row holding a NaN or an inf: its products are 0 or NaN, and NaN is 0)."""
     v = tl.minimum(tl.maximum(y * scale, -128.0), 127.0)
-    return round_half_even(v).to(tl.int8)
+    return tl.where(scale > 0.0, round_half_even(v), 0.0).to(tl.int8)
 
 
 @triton.jit
@@ -43,12 +58,12 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, K, BLOCK: tl.constexpr, FLOOR: tl
     x_row = x_ptr + row * K
     q_row = q_ptr + row * K
     offs = tl.arange(0, BLOCK)
-    amax = tl.zeros((), dtype=tl.float32)
+    amax = tl.zeros((), dtype=tl.int32)
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K
         x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-    scale = tl.div_rn(127.0, tl.maximum(amax, FLOOR))
+        amax = tl.maximum(amax, _abs_max_bits(x))
+    scale = _act_scale(amax, FLOOR)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K
@@ -92,7 +107,8 @@ def _ternary_codes_kernel(w_ptr, total_ptr, codes_ptr, scale_ptr, n, BLOCK: tl.c
     """codes = clamp(round(w * (1 / s)), -1, 1) with s = max(float32(total / n), floor)."""
     pid = tl.program_id(0).to(tl.int64)
     total = tl.load(total_ptr)
-    s = tl.maximum((total / n.to(tl.float64)).to(tl.float32), FLOOR)  # div.rn.f64
+    # div.rn.f64; a NaN total (a NaN weight) stays NaN
+    s = tl.maximum((total / n.to(tl.float64)).to(tl.float32), FLOOR, propagate_nan=tl.PropagateNan.ALL)
     inv = tl.div_rn(1.0, s)
     if pid == 0:
         tl.store(scale_ptr, s)
@@ -100,7 +116,8 @@ def _ternary_codes_kernel(w_ptr, total_ptr, codes_ptr, scale_ptr, n, BLOCK: tl.c
     m = offs < n
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     v = tl.minimum(tl.maximum(w * inv, -1.0), 1.0)
-    tl.store(codes_ptr + offs, round_half_even(v).to(tl.int8), mask=m)
+    # all 0 at a NaN or inf scale (inv NaN or 0), as in the reference
+    tl.store(codes_ptr + offs, tl.where(inv > 0.0, round_half_even(v), 0.0).to(tl.int8), mask=m)
 
 
 def abs_sum(w: torch.Tensor) -> torch.Tensor:
@@ -178,13 +195,13 @@ def _rmsnorm_quant_kernel(
     inv = (1.0 / tl.sqrt(ms + eps)).to(tl.float32)
     tl.store(inv_ptr + row, inv)
     offs = tl.arange(0, BLOCK)
-    amax = tl.zeros((), dtype=tl.float32)
+    amax = tl.zeros((), dtype=tl.int32)
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K
         x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(w_ptr + k0 + offs, mask=m, other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs((x * inv) * g), axis=0))
-    scale = tl.div_rn(127.0, tl.maximum(amax, FLOOR))
+        amax = tl.maximum(amax, _abs_max_bits((x * inv) * g))
+    scale = _act_scale(amax, FLOOR)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K

@@ -1,6 +1,7 @@
 // Shared definitions for the CPU kernels: element types, half-precision conversion, errors.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -40,7 +41,8 @@ inline float f16_to_f32(uint16_t h) {
     const float mag = float(man) * (1.0f / 16777216.0f);  // subnormal: man * 2^-24
     return sign ? -mag : mag;
   }
-  if (exp == 31) return bits_to_f32(sign | 0x7f800000u | (man << 13));
+  // inf, or a NaN made quiet with its payload kept (as vcvtph2ps and torch convert it)
+  if (exp == 31) return bits_to_f32(sign | 0x7f800000u | (man << 13) | (man ? 0x400000u : 0u));
   return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
 }
 
@@ -49,7 +51,8 @@ inline uint16_t f32_to_f16(float f) {
   uint32_t x = f32_to_bits(f);
   const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
   x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) return sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0u);  // inf, nan
+  if (x == 0x7f800000u) return sign | 0x7c00u;  // inf
+  if (x > 0x7f800000u) return sign | 0x7e00u | uint16_t((x >> 13) & 0x3ffu);  // NaN: quiet, payload's top bits
   if (x >= 0x477ff000u) return sign | 0x7c00u;  // rounds past 65504
   const uint32_t e = x >> 23;
   if (e < 113) {  // half subnormal (or zero): units of 2^-24
@@ -88,6 +91,14 @@ inline auto dispatch_dtype(DType d, F&& f) {
 // Activation and weight quantization constants (DESIGN.md section 2).
 constexpr float kWeightScaleFloor = 1e-5f;  // s = max(mean|W|, 1e-5)
 constexpr float kActAbsmaxFloor = 1e-5f;    // a = max(max|x|, 1e-5)
+
+// Non-finite values (reference.py defines the same): max|x| propagates a NaN, so a row holding one
+// has scale 127 / NaN = NaN, and a row holding an inf has scale 127 / inf = 0. Every product
+// x * scale of such a row is 0 or NaN, and a NaN quantizes to 0, so its codes are all zeros. The
+// kernels take max|x| as the largest of the bit patterns |x| (NaN > inf > every number) and write
+// zeros wherever !(scale > 0).
+constexpr uint32_t kAbsMask = 0x7fffffffu;
+inline float act_scale(float absmax) { return 127.0f / std::max(absmax, kActAbsmaxFloor); }  // max keeps a NaN
 
 // Fixed-order double reductions (see ops/reference.py: pairwise_sum). The sum of a sequence is
 // the pairwise sum of the sequence padded with zeros to a power of two: S(v) = S(first half) +

@@ -137,6 +137,8 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
   if (t->ne.size() != 2 || t->ne[0] != K || t->ne[1] != M)
     f.error("tensor " + name + " must have shape [" + std::to_string(K) + ", " + std::to_string(M) +
             "] (ggml order), got " + shape_str(t->ne));
+  if (K > kI2sMaxK)
+    f.error("tensor " + name + " has rows of " + std::to_string(K) + " values; the engine's matmul takes at most 2^22");
   Projection p;
   p.M = M;
   p.K = K;

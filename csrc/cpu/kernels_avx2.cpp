@@ -36,11 +36,11 @@ inline __m256 load8(const void* p, int64_t i, int64_t n = 8) {
 inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
 inline __m256d abs_pd(__m256d v) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), v); }
 
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
+inline uint32_t hmax_epu32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+  return uint32_t(_mm_cvtsi128_si32(m));
 }
 
 inline int32_t hsum_epi32(__m256i v) {
@@ -164,12 +164,19 @@ double ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band
   });
 }
 
+// max|x| over the bit patterns (common.h: a NaN wins in any order), then the codes.
 template <typename Value>
 inline void absmax_quantize(int64_t K, int8_t* q, float* scale, Value value) {
-  __m256 vmax = _mm256_setzero_ps();
-  for (int64_t i = 0; i < K; i += 8) vmax = _mm256_max_ps(vmax, abs_ps(value(i, std::min<int64_t>(8, K - i))));
-  const float s = 127.0f / std::max(hmax(vmax), kActAbsmaxFloor);
+  const __m256i abs_mask = _mm256_set1_epi32(int(kAbsMask));
+  __m256i vmax = _mm256_setzero_si256();
+  for (int64_t i = 0; i < K; i += 8)
+    vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(value(i, std::min<int64_t>(8, K - i))), abs_mask));
+  const float s = act_scale(bits_to_f32(hmax_epu32(vmax)));
   *scale = s;
+  if (!(s > 0.0f)) {  // a NaN or an inf in the row
+    std::memset(q, 0, size_t(K));
+    return;
+  }
   const __m256 vs = _mm256_set1_ps(s);
   for (int64_t i = 0; i < K; i += 8) {
     const int64_t c = std::min<int64_t>(8, K - i);

@@ -301,11 +301,21 @@ double ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band
   return dispatch_dtype(dt, [&]<DType D>() { return ternary_chunk_t<D>(w, n, band, out, pos, val, count, next); });
 }
 
-// Quantizes K values produced by value(i, mask) with the absmax whose lanes are in vmax.
+// The bit patterns of |v| folded into the lanes of acc by an integer max: NaN > inf > numbers, so
+// a NaN anywhere wins in any order (vmaxps would keep or drop it by its operand order).
+inline __m512i max_abs_bits(__m512i acc, __m512 v) {
+  return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(int(kAbsMask))));
+}
+
+// Quantizes K values produced by value(i, mask) with the absmax whose bit patterns are in vmax.
 template <typename Value>
-__attribute__((always_inline)) inline void quantize_by_max(int64_t K, int8_t* q, float* scale, Value value, __m512 vmax) {
-  const float s = 127.0f / std::max(_mm512_reduce_max_ps(vmax), kActAbsmaxFloor);
+__attribute__((always_inline)) inline void quantize_by_max(int64_t K, int8_t* q, float* scale, Value value, __m512i vmax) {
+  const float s = act_scale(bits_to_f32(_mm512_reduce_max_epu32(vmax)));
   *scale = s;
+  if (!(s > 0.0f)) {  // a NaN or an inf in the row (common.h)
+    std::memset(q, 0, size_t(K));
+    return;
+  }
   const __m512 vs = _mm512_set1_ps(s);
   auto round16 = [&](int64_t i, __mmask16 m) {
     return _mm512_cvt_roundps_epi32(_mm512_mul_ps(value(i, m), vs), kRoundNearest);
@@ -328,19 +338,19 @@ __attribute__((always_inline)) inline void quantize_by_max(int64_t K, int8_t* q,
 void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale, const void* next) {
   dispatch_dtype(dt, [&]<DType D>() {
     constexpr int64_t es = D == DType::F32 ? 4 : 2;
-    __m512 max0 = _mm512_setzero_ps(), max1 = _mm512_setzero_ps();  // two chains: vmaxps' latency
+    __m512i max0 = _mm512_setzero_si512(), max1 = _mm512_setzero_si512();  // two chains: latency
     int64_t i = 0;
     for (; i + 32 <= K; i += 32) {
       if (next) prefetch_part(next, i * es, (i + 32) * es);
-      max0 = _mm512_max_ps(max0, _mm512_abs_ps(load16<D>(x, i)));
-      max1 = _mm512_max_ps(max1, _mm512_abs_ps(load16<D>(x, i + 16)));
+      max0 = max_abs_bits(max0, load16<D>(x, i));
+      max1 = max_abs_bits(max1, load16<D>(x, i + 16));
     }
     if (next) prefetch_part(next, i * es, K * es);
     for (; i < K; i += 16) {
       const __mmask16 m = K - i >= 16 ? __mmask16(0xffff) : tail_mask(K - i);
-      max0 = _mm512_max_ps(max0, _mm512_abs_ps(load16<D>(x, i, m)));
+      max0 = max_abs_bits(max0, load16<D>(x, i, m));
     }
-    quantize_by_max(K, q, scale, [&](int64_t at, __mmask16 m) { return load16<D>(x, at, m); }, _mm512_max_ps(max0, max1));
+    quantize_by_max(K, q, scale, [&](int64_t at, __mmask16 m) { return load16<D>(x, at, m); }, _mm512_max_epu32(max0, max1));
   });
 }
 
@@ -369,23 +379,23 @@ void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float in
   float* y = reinterpret_cast<float*>(scratch<0>(K * 4));
   dispatch_dtype(dt, [&]<DType D>() {
     const __m512 vinv = _mm512_set1_ps(inv_rms);
-    __m512 max0 = _mm512_setzero_ps(), max1 = _mm512_setzero_ps();
+    __m512i max0 = _mm512_setzero_si512(), max1 = _mm512_setzero_si512();
     int64_t i = 0;
     for (; i + 32 <= K; i += 32) {
       const __m512 a = _mm512_mul_ps(_mm512_mul_ps(load16<D>(x, i), vinv), _mm512_loadu_ps(w + i));
       const __m512 b = _mm512_mul_ps(_mm512_mul_ps(load16<D>(x, i + 16), vinv), _mm512_loadu_ps(w + i + 16));
       _mm512_store_ps(y + i, a);
       _mm512_store_ps(y + i + 16, b);
-      max0 = _mm512_max_ps(max0, _mm512_abs_ps(a));
-      max1 = _mm512_max_ps(max1, _mm512_abs_ps(b));
+      max0 = max_abs_bits(max0, a);
+      max1 = max_abs_bits(max1, b);
     }
     for (; i < K; i += 16) {
       const __mmask16 m = K - i >= 16 ? __mmask16(0xffff) : tail_mask(K - i);
       const __m512 a = _mm512_mul_ps(_mm512_mul_ps(load16<D>(x, i, m), vinv), _mm512_maskz_loadu_ps(m, w + i));
       _mm512_store_ps(y + i, a);  // lanes past K: zeros into the scratch's padding
-      max0 = _mm512_max_ps(max0, _mm512_abs_ps(a));
+      max0 = max_abs_bits(max0, a);
     }
-    quantize_by_max(K, q, scale, [&](int64_t at, __mmask16) { return _mm512_load_ps(y + at); }, _mm512_max_ps(max0, max1));
+    quantize_by_max(K, q, scale, [&](int64_t at, __mmask16) { return _mm512_load_ps(y + at); }, _mm512_max_epu32(max0, max1));
   });
 }
 
@@ -499,9 +509,10 @@ void gemm_tile_4x4(const int8_t* acts, int64_t K, const uint8_t* W, int64_t row_
 // stream does, where an L1 prefetch (T0) or a short distance gains little (measured).
 //
 // The codes are not shifted down: sub-block s is masked in place, u = raw & (3 << (6 - 2s)) =
-// code << (6 - 2s), and gets its own accumulator, which therefore holds D_s << (6 - 2s) exactly
-// (|acc| <= 2 * 192 * 128 * K / 64 < 2^31 for K < 2^18). Shifting the four sums back at the end
-// saves four shifts per 64 weight bytes.
+// code << (6 - 2s), and gets its own accumulator, each lane of which therefore holds its share of
+// D_s << (6 - 2s) exactly (at most 4 * 192 * 128 * K / 256 < 2^31 for K <= kI2sMaxK). Shifting
+// the four back at the end, lane by lane before they are added up, saves four shifts per 64 weight
+// bytes.
 constexpr int kPrefetchBytes = 8192;
 
 int32_t gemv_row(const int8_t* act, int64_t K, const uint8_t* w) {
@@ -523,8 +534,8 @@ int32_t gemv_row(const int8_t* act, int64_t K, const uint8_t* w) {
       acc[s] = _mm512_dpbusd_epi32(acc[s], _mm512_and_si512(raw, mask[s]), a);
     }
   }
-  return (_mm512_reduce_add_epi32(acc[0]) >> 6) + (_mm512_reduce_add_epi32(acc[1]) >> 4) +
-         (_mm512_reduce_add_epi32(acc[2]) >> 2) + _mm512_reduce_add_epi32(acc[3]);
+  const __m512i d01 = _mm512_add_epi32(_mm512_srai_epi32(acc[0], 6), _mm512_srai_epi32(acc[1], 4));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(d01, _mm512_add_epi32(_mm512_srai_epi32(acc[2], 2), acc[3])));
 }
 
 // Many activation rows (prefill): a band of 32 weight rows is first unpacked into a scratch

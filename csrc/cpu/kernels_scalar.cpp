@@ -27,27 +27,27 @@ void ternary_round(const void* w, DType dt, int64_t n, float inv, int8_t* out) {
   });
 }
 
-void quantize_with_absmax(float amax, int64_t K, int8_t* q, float* scale, auto&& value) {
-  const float s = 127.0f / std::max(amax, kActAbsmaxFloor);
+// max|x| over the bit patterns (common.h: a NaN wins in any order), then the codes.
+void absmax_quantize(int64_t K, int8_t* q, float* scale, auto&& value) {
+  uint32_t top = 0;
+  for (int64_t k = 0; k < K; ++k) top = std::max(top, f32_to_bits(value(k)) & kAbsMask);
+  const float s = act_scale(bits_to_f32(top));
   *scale = s;
+  if (!(s > 0.0f)) {  // a NaN or an inf in the row
+    std::memset(q, 0, size_t(K));
+    return;
+  }
   for (int64_t k = 0; k < K; ++k) q[k] = round_clamp(value(k) * s, -128.0f, 127.0f);
 }
 
 void act_quant_row(const void* x, DType dt, int64_t K, int8_t* q, float* scale, const void* /*next*/) {
-  dispatch_dtype(dt, [&]<DType D>() {
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(load_f32<D>(x, k)));
-    quantize_with_absmax(amax, K, q, scale, [&](int64_t k) { return load_f32<D>(x, k); });
-  });
+  dispatch_dtype(dt, [&]<DType D>() { absmax_quantize(K, q, scale, [&](int64_t k) { return load_f32<D>(x, k); }); });
 }
 
 void norm_quant_row(const void* x, DType dt, const float* w, int64_t K, float inv_rms, int8_t* q,
                     float* scale) {
   dispatch_dtype(dt, [&]<DType D>() {
-    auto y = [&](int64_t k) { return (load_f32<D>(x, k) * inv_rms) * w[k]; };
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(y(k)));
-    quantize_with_absmax(amax, K, q, scale, y);
+    absmax_quantize(K, q, scale, [&](int64_t k) { return (load_f32<D>(x, k) * inv_rms) * w[k]; });
   });
 }
 

@@ -55,8 +55,13 @@ double combine(const std::vector<double>& partial) {
 
 float weight_scale(double abs_sum, int64_t n) { return std::max(float(abs_sum / double(n)), kWeightScaleFloor); }
 
-// The codes of all of w at inv, in parallel.
+// The codes of all of w at inv, in parallel. A weight holding a NaN has scale NaN, one holding an
+// inf scale inf (reference.ternary_quant): every w * inv is then NaN or 0, and every code 0.
 void round_all(const Kernels& k, const uint8_t* base, DType dt, int64_t n, float inv, int8_t* codes) {
+  if (!(inv > 0.0f)) {
+    parallel_for(n, n, [&](int64_t b, int64_t e) { std::memset(codes + b, 0, size_t(e - b)); });
+    return;
+  }
   const size_t es = dtype_size(dt);
   parallel_for((n + kPairChunk - 1) / kPairChunk, n, [&](int64_t c0, int64_t c1) {
     const int64_t b = c0 * kPairChunk, e = std::min(c1 * kPairChunk, n);
@@ -287,6 +292,7 @@ void ternary_matmul_multi(TernaryFormat fmt, const int8_t* q, const float* x_sca
   const FormatInfo& fi = format_info(format_name(fmt));
   if (K % fi.block_values) fail("K=" + std::to_string(K) + " is not a multiple of " + std::to_string(fi.block_values));
   if (tq1 && K > kTq1MaxK) fail("K=" + std::to_string(K) + " is over the TQ1_0 matmul's limit of 2^19");
+  if (K > kI2sMaxK) fail("K=" + std::to_string(K) + " is over the I2_S matmul's limit of 2^22");
   auto prepare = tq1 ? k.tq1_prepare_row : k.i2s_prepare_row;
   auto gemm = tq1 ? k.tq1_gemm : k.i2s_gemm;
   // The activations in the layout the gemm reads: q itself from natural_rows rows up, else a

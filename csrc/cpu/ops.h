@@ -30,6 +30,9 @@ void rmsnorm_act_quant(const void* x, DType dt, const float* w, int64_t N, int64
                        float* scale, float* inv_rms = nullptr);
 
 // out[N, M] = (sum_k code * q - sum_k q) / x_scale * w_scale over packed I2_S weights of M x K.
+// K is at most kI2sMaxK, so that no int32 sum can overflow whatever the bytes: the largest, a dot
+// product with 2-bit codes up to 3, is at most 3 * 128 * K < 2^31.
+constexpr int64_t kI2sMaxK = int64_t(1) << 22;
 void i2s_matmul(const int8_t* q, const float* x_scale, int64_t N, int64_t K, const uint8_t* packed,
                 int64_t packed_nbytes, int64_t M, float* out);
 

@@ -6,8 +6,9 @@
 //  * the scale is a correctly rounded float32 division (__fdiv_rn) and each product a single
 //    correctly rounded float32 multiply (__fmul_rn, which nvcc never contracts into an FMA);
 //  * rintf rounds half to even, like torch.round and the CPU core's nearbyint.
-// NaN follows the CPU core rather than torch: fmaxf skips NaN in the absmax, and a NaN product
-// clamps to -128 (fmaxf(NaN, -128) = -128).
+// Non-finite values as in the reference and the CPU core: the absmax is the largest bit pattern
+// of |x| (an unsigned max: NaN > inf > numbers, so a NaN wins, where fmaxf would skip it), a row
+// holding a NaN gets scale NaN and one holding an inf scale 0, and such rows' codes are all 0.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -72,30 +73,34 @@ __device__ inline void store_vec(int8_t* __restrict__ q, const int8_t (&b)[V]) {
 }
 
 __device__ inline int8_t quantize(float v, float s) {
+  if (!(s > 0.0f)) return 0;  // a NaN or an inf in the row
   const float r = rintf(__fmul_rn(v, s));
   return static_cast<int8_t>(static_cast<int>(fminf(fmaxf(r, -128.0f), 127.0f)));
 }
 
-__device__ inline float warp_max(float v) {
+__device__ inline unsigned warp_max(unsigned v) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
+// The bit pattern of |v|.
+__device__ inline unsigned abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
 struct WarpMax {
-  __device__ float operator()(float v) const { return warp_max(v); }
+  __device__ unsigned operator()(unsigned v) const { return warp_max(v); }
 };
 
 // Every warp reduces the per-warp partials itself, which saves a broadcast round through shared
 // memory; the trailing barrier lets the next row of a grid-stride loop reuse `partial`.
 struct BlockMax {
-  float* partial;  // __shared__ float[32]
-  __device__ float operator()(float v) const {
+  unsigned* partial;  // __shared__ unsigned[32]
+  __device__ unsigned operator()(unsigned v) const {
     v = warp_max(v);
     const int lane = threadIdx.x % kWarp;
     if (lane == 0) partial[threadIdx.x / kWarp] = v;
     __syncthreads();
-    v = lane < int(blockDim.x / kWarp) ? partial[lane] : 0.0f;
+    v = lane < int(blockDim.x / kWarp) ? partial[lane] : 0u;
     v = warp_max(v);
     __syncthreads();
     return v;
@@ -119,18 +124,17 @@ __device__ inline void quant_row(const typename D::raw* __restrict__ x, int64_t 
   }
   const int64_t tail = head + nvec * V;
 
-  float amax = 0.0f;
-  for (int64_t i = lane; i < head; i += width) amax = fmaxf(amax, fabsf(D::to_f32(x[i])));
+  unsigned amax = 0;
+  for (int64_t i = lane; i < head; i += width) amax = max(amax, abs_bits(D::to_f32(x[i])));
   for (int64_t v = lane; v < nvec; v += width) {
     float f[V];
     load_vec<D>(x + head + v * V, f);
 #pragma unroll
-    for (int j = 0; j < V; ++j) amax = fmaxf(amax, fabsf(f[j]));
+    for (int j = 0; j < V; ++j) amax = max(amax, abs_bits(f[j]));
   }
-  for (int64_t i = tail + lane; i < K; i += width) amax = fmaxf(amax, fabsf(D::to_f32(x[i])));
-  amax = reduce_max(amax);
-
-  const float s = __fdiv_rn(127.0f, fmaxf(amax, kAbsmaxFloor));
+  for (int64_t i = tail + lane; i < K; i += width) amax = max(amax, abs_bits(D::to_f32(x[i])));
+  const float a = __uint_as_float(reduce_max(amax));
+  const float s = __fdiv_rn(127.0f, a < kAbsmaxFloor ? kAbsmaxFloor : a);  // std::max: keeps a NaN
   if (lane == 0) *scale = s;
 
   // Same lane-to-element mapping as above, so the second read of x mostly hits L1.
@@ -161,7 +165,7 @@ template <class D>
 __global__ void __launch_bounds__(1024)
     act_quant_block_rows(const typename D::raw* __restrict__ x, int64_t N, int64_t K, int8_t* __restrict__ q,
                          float* __restrict__ scale, bool vec) {
-  __shared__ float partial[kWarp];
+  __shared__ unsigned partial[kWarp];
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x)
     quant_row<D>(x + row * K, K, q + row * K, scale + row, int(threadIdx.x), int(blockDim.x), vec,
                  BlockMax{partial});

@@ -17,8 +17,9 @@
 //     and inv = 1 / s (IEEE float64 division, correctly rounded conversion, IEEE float32
 //     division), block 0 stores s, and all write codes = clamp(rint(w * inv), -1, 1).
 // All float64 additions are __dadd_rn and the float32 product __fmul_rn: nothing is contracted.
-// NaN follows the CPU core: a NaN total gives a NaN scale (max(NaN, 1e-5) keeps the NaN, as
-// std::max does) and NaN products round to -1 (fmaxf(NaN, -1) = -1).
+// Non-finite values as in the reference and the CPU core: a NaN total gives a NaN scale
+// (max(NaN, 1e-5) keeps the NaN, as std::max does), an inf one an inf scale, and then every code
+// is 0 (inv is NaN or 0).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -122,6 +123,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __device__ __forceinline__ int8_t ternary(float v, float inv) {
+  if (!(inv > 0.0f)) return 0;  // a NaN or an inf in the weight
   return static_cast<int8_t>(static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v, inv)), -1.0f), 1.0f)));
 }
 

@@ -26,6 +26,9 @@ from wrinklefree.ops._backend import (
 )
 from wrinklefree.ops.packing import FORMATS
 
+# The kernels' int32 sums cannot overflow up to here (csrc/cpu/ops.h: kI2sMaxK).
+I2S_MAX_K = 1 << 22
+
 
 def _check_packed(op: str, packed: Tensor, out_features: int, k: int) -> None:
     check_tensor(op, "packed", packed, dtypes=(torch.uint8,), ndim=1)
@@ -33,6 +36,8 @@ def _check_packed(op: str, packed: Tensor, out_features: int, k: int) -> None:
         raise ValueError(f"{op}: out_features must be a positive int, got {out_features!r}")
     if k % 128:
         raise ValueError(f"{op}: i2_s needs K (the last dimension of the input) to be a multiple of 128, got K={k}")
+    if k > I2S_MAX_K:
+        raise ValueError(f"{op}: K (the last dimension of the input) must be at most 2^22 = {I2S_MAX_K}, got K={k}")
     need = FORMATS["i2_s"].nbytes(out_features, k)
     if packed.numel() != need:
         raise ValueError(

@@ -173,4 +173,6 @@ def unpack(buf: Tensor, shape: tuple[int, int] | list[int], fmt: str) -> tuple[T
         codes: int8 [M, K] in {-1, 0, 1}.
         scale: float32; 0-dim (the tensor scale) for i2_s, [M, K // 256] for tq2_0/tq1_0.
     """
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"unpack: shape must be [M, K] (a tuple or list of two ints), got {type(shape).__name__}")
     return call_op(_unpack, _unpack_cpu, _check_unpack, (buf, list(shape), fmt), 1)

@@ -9,6 +9,8 @@ backends give the same bits (see :mod:`wrinklefree.ops.reference`).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -217,6 +219,8 @@ def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Ten
     Returns:
         ``(q int8 [N, K], scale float32 [N])`` as :func:`act_quant_int8`.
     """
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"rmsnorm_act_quant: eps must be a float, got {type(eps).__name__}")
     args = (x, weight, float(eps))
     return call_op(_rmsnorm_act_quant, _rmsnorm_act_quant_cpu, _check_rmsnorm_act_quant, args, 2)
 

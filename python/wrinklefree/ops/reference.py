@@ -9,7 +9,11 @@ integer outputs of every backend match them bit for bit:
   bits, and it splits into independent power-of-two blocks (zeros add exactly nothing), so CPU
   threads, SIMD lanes and GPU programs can each take a block;
 * scales and products are float32, multiplying by the reciprocal (``x * (127 / a)``);
-* rounding is half-to-even (``torch.round``).
+* rounding is half-to-even (``torch.round``);
+* non-finite values: a NaN propagates through max and mean, and rounds to code 0. So a row (or
+  weight) holding a NaN gets scale NaN and all codes 0; an activation row holding an inf gets
+  scale ``127 / inf = 0`` and all codes 0 (``inf * 0`` is NaN); a weight holding an inf gets scale
+  inf and all codes 0 (``w * (1 / inf)`` is 0 or NaN).
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ def pairwise_sum(v: Tensor) -> Tensor:
     return _pairwise_rows(blocks)
 
 
+def _round_nan_to_zero(v: Tensor) -> Tensor:
+    """Round half to even; a NaN rounds to 0 (torch's NaN -> int8 cast is undefined)."""
+    return torch.nan_to_num(torch.round(v), nan=0.0)
+
+
 def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
     """Absmean ternary quantization of a weight tensor.
 
@@ -59,7 +68,7 @@ def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
     total = pairwise_sum(flat)[0]
     s = torch.clamp((total / n).to(torch.float32), min=WEIGHT_SCALE_FLOOR)
     inv = torch.ones_like(s) / s
-    codes = torch.clamp(torch.round(w.to(torch.float32) * inv), -1, 1).to(torch.int8)
+    codes = torch.clamp(_round_nan_to_zero(w.to(torch.float32) * inv), -1, 1).to(torch.int8)
     return codes, s
 
 
@@ -67,7 +76,7 @@ def _absmax_quant(y: Tensor) -> tuple[Tensor, Tensor]:
     a = torch.clamp(y.abs().amax(dim=-1), min=ACT_ABSMAX_FLOOR)
     # A true float32 division: `127.0 / a` would compute reciprocal(a) * 127, rounding twice.
     scale = torch.full_like(a, 127.0) / a
-    q = torch.clamp(torch.round(y * scale[:, None]), -128, 127).to(torch.int8)
+    q = torch.clamp(_round_nan_to_zero(y * scale[:, None]), -128, 127).to(torch.int8)
     return q, scale
 
 
@@ -239,6 +248,15 @@ def pack(codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
     return torch.cat([qs, d], dim=1).reshape(-1)
 
 
+def _check_no_code_3(codes: Tensor, fmt: str) -> None:
+    # 2-bit formats store codes 0, 1, 2; 3 (here 2, after the -1) is no ternary value.
+    if codes.device.type == "meta":
+        return  # no values to check
+    bad = (codes == 2).any(dim=1).nonzero()
+    if bad.numel():
+        raise ValueError(f"unpack: buf is not valid {fmt}: row {int(bad[0, 0])} holds the unused 2-bit code 3")
+
+
 def unpack(buf: Tensor, shape: tuple[int, int], fmt: str) -> tuple[Tensor, Tensor]:
     """Inverse of :func:`pack`: codes int8 [M, K] and the scale (float32 0-dim for i2_s, per block
     [M, K // 256] for tq1_0/tq2_0)."""
@@ -247,6 +265,7 @@ def unpack(buf: Tensor, shape: tuple[int, int], fmt: str) -> tuple[Tensor, Tenso
         body = buf[: m * k // 4].to(torch.int32).reshape(-1, 1, 32)
         shifts = torch.tensor([6, 4, 2, 0], dtype=torch.int32, device=buf.device).view(1, 4, 1)
         codes = ((body >> shifts) & 3).reshape(m, k) - 1
+        _check_no_code_3(codes, fmt)
         scale = buf[m * k // 4 : m * k // 4 + 4].clone().view(torch.float32).reshape(())
         return codes.to(torch.int8), scale
     bytes_per_block = {"tq2_0": 66, "tq1_0": 54}[fmt]
@@ -257,6 +276,7 @@ def unpack(buf: Tensor, shape: tuple[int, int], fmt: str) -> tuple[Tensor, Tenso
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=buf.device).view(1, 1, 4, 1)
         vals = (qs.reshape(-1, 2, 1, 32) >> shifts) & 3  # [block, half, n, m]
         codes = vals.reshape(m, k) - 1
+        _check_no_code_3(codes, fmt)
     else:
         codes = (
             torch.cat(
