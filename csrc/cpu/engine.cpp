@@ -59,18 +59,26 @@ void project(std::initializer_list<std::pair<const Projection*, float*>> jobs, c
 
 Model::Model(const std::string& path, int64_t n_ctx, const std::string& head) {
   if (head != "f16" && head != "int8") fail("head must be 'f16' or 'int8', got '" + head + "'");
-  if (n_ctx < 0) fail("n_ctx must be >= 0, got " + std::to_string(n_ctx));
+  if (n_ctx < 0 || n_ctx > kMaxContext)
+    fail("n_ctx must be in [0, 2^24] (0: the file's context length), got " + std::to_string(n_ctx));
   file_ = std::make_unique<gguf::File>(path);
   load_hparams();
   // At most the trained context (when the file gives one): past it the positions mean nothing.
   n_ctx_ = hp_.context_length && (!n_ctx || n_ctx > hp_.context_length) ? hp_.context_length : n_ctx;
   if (n_ctx_ < 1) fail("n_ctx must be >= 1 (the file gives no context length)");
   load_weights(head);
-  kv_bytes_ = size_t(hp_.n_layer) * 2 * size_t(hp_.n_head_kv) * size_t(n_ctx_) * size_t(hp_.head_dim) * 4;
+  // Each factor is at most 2^24 (load_hparams), so the product could pass 2^64: check each step.
+  uint64_t kv = 2 * 4;  // K and V, float32
+  for (const int64_t factor : {hp_.n_layer, hp_.n_head_kv, n_ctx_, hp_.head_dim})
+    if (__builtin_mul_overflow(kv, uint64_t(factor), &kv) || kv > (uint64_t(1) << 48))
+      fail("the KV cache for n_ctx=" + std::to_string(n_ctx_) + " would pass 2^48 bytes; pass a smaller n_ctx");
+  kv_bytes_ = size_t(kv);
   // Anonymous pages are zero and take memory only once written: a long context costs nothing
   // until it is used.
   void* p = ::mmap(nullptr, std::max<size_t>(kv_bytes_, 1), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) throw std::bad_alloc();
+  if (p == MAP_FAILED)
+    fail("cannot reserve " + std::to_string(kv_bytes_) + " bytes for the KV cache of n_ctx=" + std::to_string(n_ctx_) +
+         "; pass a smaller n_ctx");
   kv_ = static_cast<float*>(p);
 }
 
@@ -95,6 +103,8 @@ void Model::load_hparams() {
   hp_.n_head = f.get_int(a + "attention.head_count");
   hp_.n_head_kv = f.get_int(a + "attention.head_count_kv", hp_.n_head);
   hp_.context_length = f.get_int(a + "context_length", 0);
+  if (hp_.context_length < 0 || hp_.context_length > kMaxContext)
+    f.error("context_length must be in [0, 2^24], got " + std::to_string(hp_.context_length));
   hp_.rms_eps = f.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5);
   hp_.rope_base = f.get_float(a + "rope.freq_base", 10000.0);
   auto positive = [&](const char* what, int64_t v) {

@@ -45,6 +45,8 @@ struct Layer {
   Projection q, k, v, o, gate, up, down;
 };
 
+constexpr int64_t kMaxContext = int64_t(1) << 24;  // the longest context the engine takes
+
 class Model {
  public:
   // n_ctx: KV cache positions, at most the file's context length (0: that length). head: "f16" (the stored head) or

@@ -27,6 +27,11 @@ class Cursor {
 
   int64_t pos() const { return pos_; }
 
+  // Metadata array elements still allowed. Each takes ~80 bytes in memory against 1 to 8 in the
+  // file, so the budget, not the file's size, bounds the memory a crafted file can claim. A real
+  // tokenizer's tokens, types and merges are well under it (Llama 3: about 540k).
+  uint64_t elements_left = uint64_t(1) << 22;
+
   template <typename T>
   T read(const char* what) {
     need(sizeof(T), what);
@@ -106,6 +111,8 @@ Value read_value(const File& f, Cursor& c, ValueType t, int depth) {
       if (n > uint64_t(std::numeric_limits<int64_t>::max() / scalar_size(v.elem)))
         f.error("corrupt: array length " + std::to_string(n));
       c.need(n * uint64_t(scalar_size(v.elem)), "array elements");
+      if (n > c.elements_left) f.error("metadata arrays hold more than 2^22 elements in all (corrupt, or not a model file)");
+      c.elements_left -= n;
       v.arr.reserve(size_t(n));
       for (uint64_t j = 0; j < n; ++j) v.arr.push_back(read_value(f, c, v.elem, depth + 1));
       break;
@@ -213,7 +220,8 @@ File::File(const std::string& path) : path_(path) {
       int64_t n = 1;
       for (uint32_t d = 0; d < nd; ++d) {
         const uint64_t v = c.read<uint64_t>("tensor dimension");
-        if (v < 1 || v > (uint64_t(1) << 40) || uint64_t(n) > (uint64_t(1) << 62) / v)
+        // at most 2^56 elements: every byte count below (4 per element at most) fits an int64
+        if (v < 1 || v > (uint64_t(1) << 40) || uint64_t(n) > (uint64_t(1) << 56) / v)
           error("tensor " + t.name + ": bad dimension " + std::to_string(v));
         n *= int64_t(v);
         t.ne.push_back(int64_t(v));

@@ -30,7 +30,7 @@ constexpr auto kSpin = std::chrono::microseconds(100);  // how long idle workers
 int default_threads() {
   if (const char* env = std::getenv("WF_NUM_THREADS")) {
     const int n = std::atoi(env);
-    if (n > 0) return n;
+    if (n > 0) return std::min(n, kMaxThreads);
   }
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
@@ -70,17 +70,14 @@ struct Job {
 class Pool {
  public:
   explicit Pool(int n) : n_(n) {
-    for (int t = 1; t < n_; ++t) workers_.emplace_back([this] { work(); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-      gen_.fetch_add(1);
+    try {
+      for (int t = 1; t < n_; ++t) workers_.emplace_back([this] { work(); });
+    } catch (...) {  // the system refused a thread: stop the ones started, then report
+      stop_workers();
+      throw;
     }
-    cv_.notify_all();
-    for (auto& w : workers_) w.join();
   }
+  ~Pool() { stop_workers(); }
   int size() const { return n_; }
 
   void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
@@ -104,6 +101,16 @@ class Pool {
   }
 
  private:
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
   void work() {
     uint64_t seen = 0;  // the generation at construction: a job may be posted before we get here
     for (;;) {
@@ -155,8 +162,14 @@ Pool& pool() {
   (void)registered;
   if (g_threads == 0) g_threads = default_threads();
   if (!g_pool || g_pool->size() != g_threads) {
+    Pool* fresh;
+    try {
+      fresh = new Pool(g_threads);
+    } catch (const std::exception& e) {  // std::system_error, std::bad_alloc
+      fail("cannot start " + std::to_string(g_threads) + " threads (" + e.what() + "); use fewer");
+    }
     delete g_pool;
-    g_pool = new Pool(g_threads);
+    g_pool = fresh;
   }
   return *g_pool;
 }
@@ -170,7 +183,8 @@ int num_threads() {
 }
 
 void set_num_threads(int n) {
-  if (n < 1) fail("num_threads must be >= 1, got " + std::to_string(n));
+  if (n < 1 || n > kMaxThreads)
+    fail("num_threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(n));
   std::lock_guard<std::mutex> lk(g_mu);
   g_threads = n;
 }

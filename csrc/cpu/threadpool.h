@@ -12,6 +12,7 @@ namespace wf {
 // Number of threads the kernels use (caller included). Default: WF_NUM_THREADS, else the CPUs
 // this process may run on.
 int num_threads();
+constexpr int kMaxThreads = 1024;  // set_num_threads refuses more
 void set_num_threads(int n);
 
 // Runs fn(begin, end) over [0, n) split into contiguous ranges; returns when all are done.
