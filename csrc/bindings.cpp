@@ -26,16 +26,19 @@ DType dtype(int code) {
   return DType(code);
 }
 
+// A file's bytes as a str, invalid UTF-8 replaced (metadata keys and strings are meant to be UTF-8).
+py::object utf8_lossy(std::string_view bytes) {
+  PyObject* s = PyUnicode_DecodeUTF8(bytes.data(), Py_ssize_t(bytes.size()), "replace");
+  if (!s) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(s);
+}
+
 py::object to_python(const wf::gguf::Value& v) {
   using T = wf::gguf::ValueType;
   switch (v.type) {
     case T::BOOL: return py::bool_(v.i != 0);
     case T::F32: case T::F64: return py::float_(v.f);
-    case T::STRING: {
-      PyObject* s = PyUnicode_DecodeUTF8(v.s.data(), Py_ssize_t(v.s.size()), "replace");
-      if (!s) throw py::error_already_set();
-      return py::reinterpret_steal<py::object>(s);
-    }
+    case T::STRING: return utf8_lossy(v.s);
     case T::ARRAY: {
       py::list out(v.arr.size());
       for (size_t i = 0; i < v.arr.size(); ++i) out[i] = to_python(v.arr[i]);
@@ -207,7 +210,7 @@ PYBIND11_MODULE(_C, m) {
       .def("metadata",
            [](const Model& e) {
              py::dict d;
-             for (const auto& [key, value] : e.file().metadata()) d[py::str(key)] = to_python(value);
+             for (const auto& [key, value] : e.file().metadata()) d[utf8_lossy(key)] = to_python(value);
              return d;
            })
       .def("tensors",

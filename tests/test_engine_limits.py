@@ -91,3 +91,13 @@ print("recovered", tuple(q.shape))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: cannot start 1000 threads" in proc.stdout
     assert "recovered (4096, 256)" in proc.stdout
+
+
+def test_metadata_that_is_not_utf8_reads_with_replacement(i2s_file, tmp_path):  # noqa: F811
+    blob = bytearray(i2s_file.read_bytes())
+    at = blob.index(b"general.name") + len(b"general.")
+    blob[at] = 0xFF  # the key becomes b"general.\xffame"
+    path = tmp_path / "key.gguf"
+    path.write_bytes(blob)
+    metadata = _C.Engine(str(path), 16, "f16").metadata()
+    assert "general.\ufffdame" in metadata and "general.name" not in metadata
