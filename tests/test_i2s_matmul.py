@@ -133,6 +133,8 @@ def test_matmul_errors_name_the_argument():
         ops.i2s_matmul(torch.zeros(256, 2, dtype=torch.int8).T, x_scale, packed, 8)
     with pytest.raises(ValueError, match="out_features must be a positive int"):
         ops.i2s_matmul(q, x_scale, packed, 0)
+    with pytest.raises(ValueError, match="out_features must be a positive int, got True"):
+        ops.i2s_matmul(q, x_scale, packed, True)
     with pytest.raises(ValueError, match="all tensors must be on one device, got q on cpu, x_scale on meta"):
         ops.i2s_matmul(q, x_scale.to("meta"), packed, 8)
     with pytest.raises(TypeError, match="bitlinear_infer: x must have dtype float32, bfloat16"):

@@ -32,7 +32,7 @@ I2S_MAX_K = 1 << 22
 
 def _check_packed(op: str, packed: Tensor, out_features: int, k: int) -> None:
     check_tensor(op, "packed", packed, dtypes=(torch.uint8,), ndim=1)
-    if not isinstance(out_features, int) or out_features < 1:
+    if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
         raise ValueError(f"{op}: out_features must be a positive int, got {out_features!r}")
     if k % 128:
         raise ValueError(f"{op}: i2_s needs K (the last dimension of the input) to be a multiple of 128, got K={k}")
