@@ -3,18 +3,39 @@ random-weight model exported to GGUF."""
 
 import os
 import re
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from tiny_gguf import IM_END, export_tiny_gguf, tiny_tokenizer
+from tiny_gguf import CHAT_TEMPLATE, IM_END, export_tiny_gguf, tiny_tokenizer
 
 from wrinklefree import ops
 from wrinklefree.inference import Engine
 
 PROMPT = "hello world, the quick"
 STATS = re.compile(r"^prompt: (\d+) tokens, [\d.]+ tok/s \| decode: (\d+) tokens, [\d.]+ tok/s$")
+
+# Same-length byte patches of the test model's tokenizer metadata (so every offset stays right): the bytes
+# replaced, their replacement, and the error they cause. GGUF value types: 4 uint32, 5 int32, 6 float32.
+BOS = b"tokenizer.ggml.bos_token_id"
+DAMAGE = {
+    "no_tokens": (b"tokenizer.ggml.tokens", b"tokenizer.ggml.tokenz", r"tokenizer\.ggml\.tokens must be a non-empty"),
+    "bos_float": (BOS + struct.pack("<II", 4, 0), BOS + struct.pack("<If", 6, 0.0), r"bos_token_id .*, got 0\.0$"),
+    "bos_negative": (BOS + struct.pack("<II", 4, 0), BOS + struct.pack("<Ii", 5, -1), r"bos_token_id .*, got -1$"),
+    "merge": (
+        struct.pack("<Q", 3) + b"h e",
+        struct.pack("<Q", 3) + b"\x01 \x02",
+        r"tokenizer\.ggml\.merges\[\d+\] .* is not in tokenizer\.ggml\.tokens",
+    ),
+    "template": (
+        CHAT_TEMPLATE.encode(),
+        b"{% for m in messages %}".ljust(len(CHAT_TEMPLATE.encode())),
+        r"tokenizer\.chat_template: TemplateSyntaxError",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +66,16 @@ def greedy_reference(engine, prompt_ids, n):
         if len(tokens) < n:  # the last token needs no forward pass
             logits = engine.logits([token])
     return tokens
+
+
+def damaged(model_path, tmp_path, case):
+    """A copy of the model file with the metadata patch ``DAMAGE[case]``."""
+    old, new, _ = DAMAGE[case]
+    blob = model_path.read_bytes()
+    assert len(old) == len(new) and blob.count(old) == 1
+    path = tmp_path / f"{case}.gguf"
+    path.write_bytes(blob.replace(old, new))
+    return path
 
 
 def cli(*args, check_rc=0):
@@ -165,21 +196,125 @@ def test_no_chat_template(hf_tokenizer, tmp_path):
 def test_bad_arguments(engine, tmp_path, threads):
     with pytest.raises(FileNotFoundError, match="model file not found"):
         Engine(tmp_path / "missing.gguf")
+    with pytest.raises(IsADirectoryError, match="is a directory, not a GGUF file"):
+        Engine(tmp_path)
     with pytest.raises(ValueError, match="head must be one of f16, int8"):
         Engine(engine.path, head="q8")
     for kwargs, match in [
-        ({"top_p": 0}, "top_p must be in"),
-        ({"max_tokens": 0}, "max_tokens must be >= 1"),
-        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"n_ctx": 64.5}, r"^n_ctx must be an integer >= 1, got 64\.5"),
+        ({"n_ctx": True}, r"^n_ctx must be an integer >= 1, got True"),
+        ({"threads": 0}, r"^threads must be an integer >= 1, got 0"),
+        ({"threads": 1.5}, r"^threads must be an integer >= 1, got 1\.5"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Engine(engine.path, **kwargs)
+    for kwargs, match in [
+        ({"top_p": 0}, "^top_p must be a number in"),
+        ({"top_p": None}, "^top_p must be a number in"),
+        ({"temperature": "0.5"}, "^temperature must be a number >= 0"),
+        ({"seed": 2**64}, r"^seed must be an integer in \[0, 2\*\*64\)"),
+        ({"max_tokens": 0}, "^max_tokens must be an integer >= 1, got 0"),
+        ({"max_tokens": 2.5}, "^max_tokens must be an integer >= 1, got 2.5"),
+        ({"max_tokens": True}, "^max_tokens must be an integer >= 1, got True"),
+        ({"stop": [""]}, "^stop must be a non-empty string or several"),
+        ({"stop": ["ok", 3]}, "^stop must be a non-empty string or several"),
+        ({"stop": None}, "^stop must be a non-empty string or several"),
     ]:
         with pytest.raises(ValueError, match=match):
             engine.generate(PROMPT, **kwargs)
     with pytest.raises(ValueError, match="the prompt has no tokens"):
         engine.generate([])
-    with pytest.raises(ValueError, match=rf"prompt token ids must be in \[0, {engine.n_vocab}\), got \[-1, 999\]"):
+    ids_error = rf"^prompt must hold token ids, integers in \[0, {engine.n_vocab}\), got "
+    with pytest.raises(ValueError, match=ids_error + r"\[-1, 999\]"):
         engine.generate([0, -1, 5, 999])
+    with pytest.raises(ValueError, match=ids_error + r"\[5\.7, True\]"):
+        engine.generate([0, 5.7, True])
+    with pytest.raises(ValueError, match="^prompt must be a sequence of token ids, got NoneType"):
+        engine.generate(None)
+    with pytest.raises(ValueError, match=r"^tokens must hold token ids, integers in \[0, \d+\), got \[1\.0\]"):
+        engine.logits([0, 1.0])
+    ids = engine.tokenizer.encode(PROMPT)
+    expected = "".join(engine.generate(ids, max_tokens=4, temperature=0))
+    for array in (np.array(ids), torch.tensor(ids)):  # numpy and torch integers are token ids too
+        assert "".join(engine.generate(array, max_tokens=4, temperature=0)) == expected
+    with pytest.raises(ValueError, match=ids_error):
+        engine.generate(np.array([0.0, 1.0]))
     Engine(engine.path, threads=1)
     assert ops.get_num_threads() == 1
+
+
+def test_tiny_temperature_is_the_greedy_limit(engine):
+    """logits / temperature would overflow: the draws are the most likely tokens, as greedy picks them."""
+    greedy = "".join(engine.generate(PROMPT, max_tokens=12, temperature=0))
+    assert "".join(engine.generate(PROMPT, max_tokens=12, temperature=1e-38, seed=0)) == greedy
+    assert engine.last_stats.decode_tokens == 11
+
+
+def test_empty_prompt_starts_from_bos(model_path, engine):
+    """Empty text is the bos token alone (an unconditional generation), or no tokens without bos."""
+    bos = engine.tokenizer.bos_id
+    expected = "".join(engine.generate([bos], max_tokens=6, temperature=0))
+    assert "".join(engine.generate("", max_tokens=6, temperature=0)) == expected
+    assert engine.last_stats.prompt_tokens == 1
+    no_bos = Engine(model_path, n_ctx=16)
+    no_bos.tokenizer.add_bos = False
+    with pytest.raises(ValueError, match="the prompt has no tokens"):
+        no_bos.generate("")
+    r = cli("--model", model_path, "--prompt", "", "--max-tokens", 6, "--temperature", 0)
+    assert r.stdout == expected + "\n"
+
+
+def test_prompt_ids_outside_the_model_are_refused(model_path, monkeypatch):
+    """A tokenizer with more tokens than the model has embedding rows: its ids are checked before any stream."""
+    engine = Engine(model_path, n_ctx=16)
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text, add_bos: [0, engine.n_vocab])
+    with pytest.raises(ValueError, match=rf"m\.gguf: the prompt encodes to token ids \[{engine.n_vocab}\] outside"):
+        engine.generate("hi")
+
+
+def test_streams_share_the_cache(engine):
+    """A stream stops with RuntimeError once another generate(), logits() or reset() used the engine."""
+    ids = engine.tokenizer.encode(PROMPT)
+    other = [0, 250, 3, 17, 42, 7, 7, 7]
+    alone = list(engine.generate(ids, max_tokens=12, temperature=0))
+    other_alone = "".join(engine.generate(other, max_tokens=12, temperature=0))
+    assert len(alone) > 2
+    for interrupt in (
+        lambda: list(engine.generate(other, max_tokens=12, temperature=0)),
+        lambda: engine.generate(other),  # created, never read: it owns the cache from now on
+        lambda: engine.logits([1, 2]),
+        engine.reset,
+    ):
+        first = engine.generate(ids, max_tokens=12, temperature=0)
+        assert next(first) == alone[0]
+        interrupt()
+        with pytest.raises(RuntimeError, match="another call used the engine's cache since this stream started"):
+            list(first)
+    # A stream not yet started when another is made is refused too; the newest one is unaffected.
+    first = engine.generate(ids, max_tokens=12, temperature=0)
+    second = engine.generate(other, max_tokens=12, temperature=0)
+    with pytest.raises(RuntimeError, match="another call used the engine's cache"):
+        next(first)
+    assert "".join(second) == other_alone
+    # Reading streams one after another is fine, and so is using the engine once a stream has ended.
+    done = engine.generate(ids, max_tokens=12, temperature=0)
+    assert list(done) == alone
+    engine.reset()
+    assert list(done) == []
+
+
+def test_damaged_tokenizer_metadata(model_path, tmp_path):
+    """Files whose tokenizer metadata is malformed are refused at load with a ValueError naming the file and the
+    key; a malformed chat template only when the prompt uses it."""
+    for case in ("no_tokens", "bos_float", "bos_negative", "merge"):
+        path = damaged(model_path, tmp_path, case)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*{DAMAGE[case][2]}"):
+            Engine(path)
+    path = damaged(model_path, tmp_path, "template")
+    engine = Engine(path, n_ctx=32)
+    assert "".join(engine.generate("hi", max_tokens=3, temperature=0))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {DAMAGE['template'][2]}"):
+        engine.generate("hi", chat=True)
 
 
 def test_int8_head(model_path, engine):
@@ -223,10 +358,20 @@ def test_cli_sampling_chat_and_stop(engine, model_path):
     ("case", "extra", "message"),
     [
         ("missing", (), "model file not found"),
+        ("directory", (), "is a directory, not a GGUF file"),
         ("junk", (), "not a GGUF file"),
         ("truncated", (), "truncated or corrupt"),
-        ("model", ("--top-p", "1.5"), "top_p must be in"),
-        ("model", ("--max-tokens", "0"), "max_tokens must be >= 1"),
+        ("model", ("--top-p", "1.5"), "--top-p must be a number in (0, 1], got 1.5"),
+        ("model", ("--max-tokens", "0"), "--max-tokens must be an integer >= 1, got 0"),
+        ("model", ("--threads", "0"), "--threads must be an integer >= 1, got 0"),
+        ("model", ("--ctx", "0"), "--ctx must be an integer >= 1, got 0"),
+        ("model", ("--seed", "-1"), "--seed must be an integer in [0, 2**64), got -1"),
+        ("model", ("--stop", ""), "--stop must be a non-empty string"),
+        ("no_tokens", (), "tokenizer.ggml.tokens must be a non-empty array of strings"),
+        ("bos_float", (), "tokenizer.ggml.bos_token_id must be a token id"),
+        ("bos_negative", (), "tokenizer.ggml.bos_token_id must be a token id"),
+        ("merge", (), "which is not in tokenizer.ggml.tokens"),
+        ("template", ("--chat",), "tokenizer.chat_template: TemplateSyntaxError"),
     ],
 )
 def test_cli_errors(model_path, tmp_path, case, extra, message):
@@ -235,8 +380,12 @@ def test_cli_errors(model_path, tmp_path, case, extra, message):
         path.write_bytes(b"not a gguf file at all")
     elif case == "truncated":
         path.write_bytes(model_path.read_bytes()[:5000])
+    elif case == "directory":
+        path = tmp_path
     elif case == "model":
         path = model_path
+    elif case in DAMAGE:
+        path = damaged(model_path, tmp_path, case)
     r = cli("--model", path, "--prompt", "hi", *extra, check_rc=2)
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()

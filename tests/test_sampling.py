@@ -33,17 +33,39 @@ def draw(sampler, logits, n):
     [
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": math.nan}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": True}, "temperature"),
         ({"top_k": -1}, "top_k"),
         ({"top_k": 2.5}, "top_k"),
+        ({"top_k": True}, "top_k"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
+        ({"top_p": None}, "top_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": "2"}, "repetition_penalty"),
         ({"seed": -3}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 1.0}, "seed"),
+        ({"seed": False}, "seed"),
     ],
 )
 def test_params_are_validated(kwargs, name):
     with pytest.raises(ValueError, match=rf"^{name} must be"):
         SamplingParams(**kwargs)
+
+
+def test_extreme_params_are_usable():
+    Sampler(SamplingParams(seed=2**64 - 1))  # the largest seed torch.Generator takes
+    assert SamplingParams(temperature=1, top_p=1, repetition_penalty=2).top_p == 1  # ints are numbers too
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-300, 5e-324])
+def test_tiny_temperature_tends_to_greedy(temperature):
+    """logits / temperature overflows even float64 here: the draw still is the limit, the most likely token,
+    and a random one of several equally likely."""
+    sampler = Sampler(SamplingParams(temperature=temperature, top_k=0, top_p=1.0, seed=0))
+    assert draw(sampler, torch.tensor([10.0, 9.0, -5.0, 3e38]), 20).tolist() == [3] * 20
+    assert set(draw(sampler, torch.tensor([10.0, -3e38, 10.0, 9.99]), 200).tolist()) == {0, 2}
 
 
 def test_greedy_is_argmax():
@@ -235,6 +257,50 @@ def test_no_chat_template(metadata):
     tok = GGUFTokenizer({k: v for k, v in metadata.items() if k != "tokenizer.chat_template"})
     assert tok.chat_template is None
     with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tokenizer.ggml.tokens": None}, r"tokenizer\.ggml\.tokens must be a non-empty array of strings"),
+        ({"tokenizer.ggml.tokens": []}, r"tokenizer\.ggml\.tokens must be a non-empty array of strings"),
+        ({"tokenizer.ggml.tokens": [1, 2]}, r"tokenizer\.ggml\.tokens must be an array of strings"),
+        ({"tokenizer.ggml.tokens": "abc"}, r"tokenizer\.ggml\.tokens must be an array of strings"),
+        ({"tokenizer.ggml.token_type": ["1"] * 307}, r"tokenizer\.ggml\.token_type must be an array of integers"),
+        ({"tokenizer.ggml.merges": [1, 2]}, r"tokenizer\.ggml\.merges must be an array of strings"),
+        ({"tokenizer.ggml.merges": ["h e", "zz qq"]}, r"tokenizer\.ggml\.merges\[1\] 'zz qq' names 'zz', which is not"),
+        ({"tokenizer.ggml.merges": ["he"]}, r"tokenizer\.ggml\.merges\[0\] must be two tokens separated by a space"),
+        # both halves are tokens, their concatenation is not (the tokenizers library panics on this one)
+        ({"tokenizer.ggml.merges": ["<|bos|> <|eos|>"]}, r"names '<\|bos\|><\|eos\|>', which is not"),
+        ({"tokenizer.ggml.bos_token_id": 0.0}, r"tokenizer\.ggml\.bos_token_id must be a token id, .*got 0\.0"),
+        ({"tokenizer.ggml.bos_token_id": -1}, r"tokenizer\.ggml\.bos_token_id must be a token id, .*got -1"),
+        ({"tokenizer.ggml.bos_token_id": True}, r"tokenizer\.ggml\.bos_token_id must be a token id"),
+        ({"tokenizer.ggml.eos_token_id": 307}, r"tokenizer\.ggml\.eos_token_id .*integer in \[0, 307\), got 307"),
+        ({"tokenizer.ggml.eot_token_id": "1"}, r"tokenizer\.ggml\.eot_token_id must be a token id"),
+        ({"tokenizer.ggml.add_bos_token": "false"}, r"tokenizer\.ggml\.add_bos_token must be a bool"),
+        ({"tokenizer.chat_template": 5}, r"tokenizer\.chat_template must be a string"),
+    ],
+)
+def test_refuses_malformed_metadata(metadata, change, message):
+    """Each malformed tokenizer.ggml.* value is a ValueError naming the key, when the tokenizer is built."""
+    assert len(metadata["tokenizer.ggml.tokens"]) == 307
+    changed = {k: v for k, v in {**metadata, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        GGUFTokenizer(changed)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{% for m in messages %}", "tokenizer.chat_template: TemplateSyntaxError: Unexpected end of template"),
+        ("{{ raise_exception('roles must alternate') }}", "tokenizer.chat_template: TemplateError: roles must alt"),
+        ("{{ messages[0]['content'] + 1 }}", "tokenizer.chat_template: TypeError"),
+    ],
+)
+def test_chat_template_errors(metadata, template, message):
+    tok = GGUFTokenizer({**metadata, "tokenizer.chat_template": template})  # a bad template fails only in use
+    with pytest.raises(ValueError, match=message):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 

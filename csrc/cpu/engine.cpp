@@ -59,8 +59,8 @@ void project(std::initializer_list<std::pair<const Projection*, float*>> jobs, c
 
 Model::Model(const std::string& path, int64_t n_ctx, const std::string& head) {
   if (head != "f16" && head != "int8") fail("head must be 'f16' or 'int8', got '" + head + "'");
-  if (n_ctx < 0 || n_ctx > kMaxContext)
-    fail("n_ctx must be in [0, 2^24] (0: the file's context length), got " + std::to_string(n_ctx));
+  if (n_ctx < 0) fail("n_ctx must be >= 0, got " + std::to_string(n_ctx));
+  if (n_ctx > kMaxContext) fail("n_ctx must be at most 2^24, got " + std::to_string(n_ctx));
   file_ = std::make_unique<gguf::File>(path);
   load_hparams();
   // At most the trained context (when the file gives one): past it the positions mean nothing.

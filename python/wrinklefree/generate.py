@@ -3,7 +3,8 @@
     python -m wrinklefree.generate --model model.gguf --prompt "Once upon a time" --max-tokens 64 --temperature 0
 
 Streams the text to stdout as it is generated, then prints prompt and decode speeds to stderr. Exits 2 with a
-one-line message for a missing or unreadable model file or a bad option.
+one-line message for a missing or unreadable model file or a bad option. An empty prompt generates from the
+beginning-of-sequence token alone (when the model file has one).
 """
 
 from __future__ import annotations
@@ -14,11 +15,26 @@ import sys
 from wrinklefree.inference import Engine, GenerationStats
 from wrinklefree.inference.engine import HEADS
 
+# The options that set Engine / generate() parameters, named in errors about those parameters.
+OPTIONS = {
+    "n_ctx": "--ctx",
+    "threads": "--threads",
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "repetition_penalty": "--repetition-penalty",
+    "seed": "--seed",
+    "stop": "--stop",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m wrinklefree.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the .gguf file")
-    p.add_argument("--prompt", required=True, help="the text to continue (or the user message with --chat)")
+    p.add_argument(
+        "--prompt", required=True, help="the text to continue (or the user message with --chat); empty: start from bos"
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = all (default 40)")
@@ -41,6 +57,13 @@ def format_stats(stats: GenerationStats) -> str:
     )
 
 
+def option_message(error: Exception) -> str:
+    """The message of an Engine / generate() error, naming the option instead of the parameter it is about."""
+    message = str(error)
+    name, sep, rest = message.partition(" must be ")
+    return f"{OPTIONS[name]} must be {rest}" if sep and name in OPTIONS else message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -56,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             stop=args.stop,
             chat=args.chat,
         )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, IsADirectoryError, ValueError) as e:
+        print(f"error: {option_message(e)}", file=sys.stderr)
         return 2
     code = 0
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -19,12 +20,16 @@ class SamplingParams:
     """How to pick the next token.
 
     Attributes:
-        temperature: >= 0; 0 picks the most likely token (greedy) and ignores top_k, top_p and seed.
+        temperature: >= 0; 0 picks the most likely token (greedy) and ignores top_k, top_p and seed. However
+            small, a temperature > 0 is computed without overflow: the draws tend to the most likely token.
         top_k: keep the k most likely tokens; 0 keeps all.
         top_p: in (0, 1]; keep the smallest set of most likely tokens whose probability reaches top_p (nucleus).
         repetition_penalty: > 0; 1 is off. Logits of tokens already seen are divided by it when positive and
             multiplied by it when negative (CTRL, as in llama.cpp), so values above 1 make repeats less likely.
-        seed: seed of the random draws (reproducible output); None draws a fresh seed.
+        seed: seed of the random draws (reproducible output), in [0, 2**64); None draws a fresh seed.
+
+    Raises:
+        ValueError: a value of the wrong type or out of range (the message names the parameter).
     """
 
     temperature: float = 0.8
@@ -34,20 +39,30 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also refuses NaN
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_real(self.temperature) or not self.temperature >= 0:  # also refuses NaN
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not is_real(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an int (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number: an int, a float or the like (a bool is not)."""
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def apply_repetition_penalty(logits: Tensor, previous: Sequence[int], penalty: float) -> Tensor:
@@ -100,5 +115,7 @@ class Sampler:
             # Keep a token while the mass before it is still short of top_p: the smallest prefix reaching top_p.
             keep = int(((torch.cumsum(probs, dim=0) - probs) < p.top_p).sum())
             values, ids = values[:keep], ids[:keep]
-        probs = torch.softmax(values / p.temperature, dim=0)
+        # Shifted so that the most likely token scores 0 (values is sorted), in float64: however small the
+        # temperature, nothing overflows; the others' scores may go to -inf, leaving the draw to the best.
+        probs = torch.softmax((values.double() - values[0].double()) / p.temperature, dim=0)
         return int(ids[torch.multinomial(probs, 1, generator=self._generator)])

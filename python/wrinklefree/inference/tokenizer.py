@@ -44,6 +44,10 @@ class GGUFTokenizer:
         eot_ids: ids at which generation stops: eos, ``tokenizer.ggml.eot_token_id`` and the control tokens of
             :data:`EOT_TOKENS` present in the vocabulary.
         chat_template: the Jinja chat template, or None.
+
+    Raises:
+        ValueError: a ``tokenizer.ggml.*`` value of the wrong type or out of range (token ids must be integers in
+            [0, n_vocab)), or merges that do not fit the tokens; the message names the key.
     """
 
     def __init__(self, metadata: Mapping[str, Any]) -> None:
@@ -52,17 +56,24 @@ class GGUFTokenizer:
             raise ValueError(
                 f"unsupported tokenizer: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is supported"
             )
-        tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
-        types: list[int] = list(metadata.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
-        if len(types) != len(tokens):
+        tokens = _array(metadata, "tokenizer.ggml.tokens", str, "strings")
+        if not tokens:  # absent or empty
+            raise ValueError("tokenizer.ggml.tokens must be a non-empty array of strings (the vocabulary)")
+        types = _array(metadata, "tokenizer.ggml.token_type", int, "integers")
+        if types is None:
+            types = [NORMAL] * len(tokens)
+        elif len(types) != len(tokens):
             raise ValueError(
                 f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokenizer.ggml.tokens"
             )
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-
         # A token string that occurs twice maps to its last id, as in llama.cpp's token-to-id map.
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        self._tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        merges = _merges(_array(metadata, "tokenizer.ggml.merges", str, "strings") or [], vocab)
+
+        try:
+            self._tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        except Exception as e:  # the tokenizers library raises bare Exceptions
+            raise ValueError(f"tokenizer.ggml.tokens / tokenizer.ggml.merges do not form a BPE tokenizer: {e}") from e
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
         self._tok.add_special_tokens(
@@ -76,13 +87,26 @@ class GGUFTokenizer:
         control = frozenset(i for i, t in enumerate(types) if t == CONTROL)
         self._unused = frozenset(i for i, t in enumerate(types) if t == UNUSED)
         self._unused_or_control = self._unused | control
-        self.bos_id: int | None = metadata.get("tokenizer.ggml.bos_token_id")
-        self.eos_id: int | None = metadata.get("tokenizer.ggml.eos_token_id")
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
-        self.chat_template: str | None = metadata.get("tokenizer.chat_template") or None
-        eot = {self.eos_id, metadata.get("tokenizer.ggml.eot_token_id")}
+        self.bos_id = self._token_id(metadata, "tokenizer.ggml.bos_token_id")
+        self.eos_id = self._token_id(metadata, "tokenizer.ggml.eos_token_id")
+        add_bos = metadata.get("tokenizer.ggml.add_bos_token", True)
+        if not isinstance(add_bos, bool):
+            raise ValueError(f"tokenizer.ggml.add_bos_token must be a bool, got {add_bos!r}")
+        self.add_bos = add_bos
+        template = metadata.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"tokenizer.chat_template must be a string, got {type(template).__name__}")
+        self.chat_template: str | None = template or None
+        eot = {self.eos_id, self._token_id(metadata, "tokenizer.ggml.eot_token_id")}
         eot.update(vocab[t] for t in EOT_TOKENS if t in vocab and vocab[t] in control)
         self.eot_ids = frozenset(i for i in eot if i is not None)
+
+    def _token_id(self, metadata: Mapping[str, Any], key: str) -> int | None:
+        """The token id under ``key``, checked to be an integer in [0, n_vocab), or None when absent."""
+        value = metadata.get(key)
+        if value is not None and (type(value) is not int or not 0 <= value < self.n_vocab):  # a bool is no id
+            raise ValueError(f"{key} must be a token id, an integer in [0, {self.n_vocab}), got {value!r}")
+        return value
 
     def token(self, token_id: int) -> str:
         """The vocabulary string of ``token_id`` (byte-level form: a space is ``Ġ``)."""
@@ -109,7 +133,8 @@ class GGUFTokenizer:
         prompt of the assistant's turn (``add_generation_prompt=True``), the way transformers renders it.
 
         Raises:
-            ValueError: the file has no ``tokenizer.chat_template``.
+            ValueError: the file has no ``tokenizer.chat_template``, or the template is malformed or fails on
+                ``messages`` (its own ``raise_exception`` included).
         """
         if self.chat_template is None:
             raise ValueError("the model file has no chat template (tokenizer.chat_template); prompt it without chat")
@@ -121,15 +146,45 @@ class GGUFTokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=list(messages),
-            add_generation_prompt=True,
-            bos_token=self._special_text(self.bos_id),
-            eos_token=self._special_text(self.eos_id),
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=list(messages),
+                add_generation_prompt=True,
+                bos_token=self._special_text(self.bos_id),
+                eos_token=self._special_text(self.eos_id),
+            )
+        except Exception as e:  # the template is data from the file: any failure of it is the file's
+            raise ValueError(f"tokenizer.chat_template: {type(e).__name__}: {e}") from e
 
     def _special_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.token(token_id)
+
+
+def _array(metadata: Mapping[str, Any], key: str, kind: type, kind_name: str) -> list | None:
+    """The array under ``key``, checked to hold only ``kind`` (bools are not integers), or None when absent."""
+    value = metadata.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, kind) for v in value):
+        raise ValueError(f"{key} must be an array of {kind_name}")
+    return list(value)
+
+
+def _merges(merges: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """``tokenizer.ggml.merges`` as pairs, each checked to be two tokens whose concatenation is a token (the
+    tokenizers library fails on anything else, on some with a Rust panic rather than an exception)."""
+    pairs = []
+    for i, merge in enumerate(merges):
+        pair = merge.split(" ", 1)
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"tokenizer.ggml.merges[{i}] must be two tokens separated by a space, got {merge!r}")
+        missing = [t for t in (*pair, "".join(pair)) if t not in vocab]
+        if missing:
+            raise ValueError(
+                f"tokenizer.ggml.merges[{i}] {merge!r} names {missing[0]!r}, which is not in tokenizer.ggml.tokens"
+            )
+        pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 class IncrementalDecoder:
