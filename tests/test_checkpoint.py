@@ -25,6 +25,7 @@ from wrinklefree.train.checkpoint import (  # noqa: E402
     CheckpointManager,
     IncompatibleCheckpointError,
     filesystem,
+    find_checkpoint,
     load_weights,
     parse_hub,
     read_trainer_state,
@@ -147,6 +148,23 @@ def test_keep_last_prunes_old_steps_but_never_final(tmp_path):
     assert manager.latest() == tmp_path / "ckpt" / "final"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["final", "step_4", "step_5"]
     assert [s for s, _ in CheckpointManager(tmp_path / "all", keep=0).steps()] == []
+
+
+def test_find_checkpoint_takes_a_stage_directory_or_its_checkpoints_folder(tmp_path):
+    stage = stage_dir(tmp_path, "exp", "unified")  # .../unified_checkpoint/checkpoints
+    for name in ("step_2", "step_10", ".tmp-step_11"):  # the last one unfinished (no .metadata)
+        (stage / name).mkdir(parents=True)
+    for name in ("step_2", "step_10"):
+        (stage / name / ".metadata").write_bytes(b"")
+    for given in (stage, stage.parent, stage / "step_2"):
+        assert find_checkpoint(given) == (stage / "step_2" if given.name == "step_2" else stage / "step_10")
+    (stage / "final").mkdir()
+    (stage / "final" / ".metadata").write_bytes(b"")
+    assert find_checkpoint(stage) == find_checkpoint(stage.parent) == stage / "final"
+    assert find_checkpoint(stage.parent.parent) is None  # the experiment's folder: not a stage
+    (tmp_path / "empty_checkpoint" / "checkpoints").mkdir(parents=True)
+    assert find_checkpoint(tmp_path / "empty_checkpoint") is None
+    assert find_checkpoint(tmp_path / "missing") is None
 
 
 def test_a_run_killed_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

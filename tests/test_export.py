@@ -1,8 +1,13 @@
 """GGUF export (wrinklefree.export): write tiny bitnet checkpoints and read them back with gguf.GGUFReader."""
 
 import copy
+import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import gguf  # noqa: E402
 import numpy as np
@@ -14,7 +19,7 @@ from wrinklefree import convert, ops  # noqa: E402
 from wrinklefree.data import get_tokenizer  # noqa: E402
 from wrinklefree.export import export_gguf, i2s_readable  # noqa: E402
 from wrinklefree.export.__main__ import main  # noqa: E402
-from wrinklefree.export.gguf_writer import BitnetWriter  # noqa: E402
+from wrinklefree.export.gguf_writer import BitnetWriter, check_outfile  # noqa: E402
 from wrinklefree.models.hf_bitnet import load_bitnet, save_bitnet  # noqa: E402
 
 EXTRA_ROWS = 4  # embedding rows beyond the tokenizer: written as [PADn] tokens of type UNUSED
@@ -316,13 +321,153 @@ def test_failed_write_keeps_existing_file(model, tokenizer, tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match=r"cannot write outfile .*m\.gguf: disk full$"):  # the file asked for
         export_gguf(model, out, "i2_s", tokenizer=tokenizer)
     assert out.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["m.gguf"]  # no temporary file left behind
     monkeypatch.undo()
     export_gguf(model, out, "i2_s", tokenizer=tokenizer)
     assert read(out).fields["general.architecture"].contents() == "bitnet-b1.58"
+
+
+def one_line_error(capsys, e, code=2):
+    """The CLI's error output, once it is known to be one line (no traceback) with exit status ``code``."""
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_packed_checkpoint_with_attention_bias_is_refused_for_the_bias(tokenizer, tmp_path, capsys):
+    # transformers' BitNet gives all four attention projections a bias when the model has one (Qwen2);
+    # the checkpoint loads, and the export refuses it for what GGUF bitnet cannot hold
+    torch.manual_seed(0)
+    qwen2 = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=len(tokenizer) + EXTRA_ROWS, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )
+    )  # fmt: skip
+    path = save_bitnet(convert(qwen2, activation="keep"), tmp_path / "qwen2")
+    tokenizer.save_pretrained(path)
+    assert load_bitnet(path).model.layers[0].self_attn.q_proj.bias is not None
+    with pytest.raises(SystemExit) as e:
+        main([str(path), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "tq2_0"])
+    err = one_line_error(capsys, e)
+    assert "model.layers.0.self_attn.q_proj has a bias, which GGUF bitnet cannot hold" in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_bad_outfile_is_refused_before_the_model_loads(checkpoint, tmp_path, capsys, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("wrinklefree.export.gguf_writer.load_bitnet", no_load)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    cases = {
+        "": "--outfile is empty",
+        str(tmp_path / "dir"): f"--outfile {tmp_path / 'dir'}: is a directory",
+        str(
+            tmp_path / "file" / "m.gguf"
+        ): f"--outfile {tmp_path / 'file' / 'm.gguf'}: {tmp_path / 'file'} is not a directory",
+    }
+    if os.path.isdir("/proc/self"):  # Linux: no regular file can be created in /proc
+        cases["/proc/m.gguf"] = "--outfile /proc/m.gguf: cannot create files in /proc"
+    for outfile, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            main([str(checkpoint), "--outfile", outfile, "--outtype", "i2_s"])
+        assert message in one_line_error(capsys, e)
+    assert sorted(os.listdir(tmp_path)) == ["dir", "file"] and not os.listdir(tmp_path / "dir")
+    with pytest.raises(ValueError, match="outfile .*: is a directory"):
+        export_gguf(checkpoint, tmp_path / "dir", "i2_s")
+    assert check_outfile(tmp_path / "new" / "sub" / "m.gguf") == tmp_path / "new" / "sub" / "m.gguf"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_a_failed_write_names_the_outfile_in_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    def boom(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(SystemExit) as e:
+        main([str(checkpoint), "--outfile", str(out), "--outtype", "i2_s"])
+    err = one_line_error(capsys, e, code=1)
+    assert f"cannot write outfile {out}: No space left on device" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_tokenizer_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    cases = {
+        tmp_path / "missing": "no such directory",
+        checkpoint / "config.json": "a file; expected a tokenizer directory",
+        tmp_path / "empty": "holds no tokenizer.json or tokenizer_config.json",
+        tmp_path / "broken": "its tokenizer does not load",
+    }
+    for tok, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            main([str(checkpoint), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "i2_s", "--tokenizer", str(tok)])
+        assert f"--tokenizer {tok}: {message}" in one_line_error(capsys, e)
+    assert not (tmp_path / "m.gguf").exists()
+    main([str(checkpoint), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "i2_s", "--tokenizer", str(checkpoint)])
+    assert (tmp_path / "m.gguf").is_file()
+
+
+def test_interrupt_exits_130_in_one_line_without_a_temporary_file(checkpoint, tmp_path, capsys, monkeypatch):
+    def interrupted(self, *a, **k):
+        assert glob.glob(str(tmp_path / ".m.gguf.*.tmp"))  # while the temporary file exists
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        main([str(checkpoint), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "i2_s"])
+    assert one_line_error(capsys, e, code=130) == "python -m wrinklefree.export: interrupted\n"
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI's SIGTERM handler is undone
+
+
+# The exporter in a process of its own, stalled while it writes, until the test signals it.
+_STALLED_EXPORT = """
+import signal, sys, time
+import gguf
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, whatever the runner set
+gguf.GGUFWriter.write_tensors_to_file = lambda self, *a, **k: time.sleep(120)
+from wrinklefree.export.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # two processes that import torch
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signalled_export_leaves_the_old_file_and_no_temporary_one(checkpoint, tmp_path, sig, code, word):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    cmd = [sys.executable, "-c", _STALLED_EXPORT, str(checkpoint), "--outfile", str(out), "--outtype", "i2_s"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not glob.glob(str(tmp_path / ".m.gguf.*.tmp")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the export never started writing"
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the stalled write
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert err == f"python -m wrinklefree.export: {word}\n"
+    assert out.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["m.gguf"]  # the temporary file is gone
 
 
 def test_i2s_readable_is_undone():

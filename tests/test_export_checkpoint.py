@@ -7,6 +7,7 @@ exports to tq2_0; hidden and intermediate sizes are 256, TQ2_0's block.
 """
 
 import copy
+import re
 import shutil
 
 import pytest
@@ -101,13 +102,53 @@ def test_final_checkpoint_exports_and_runs_in_the_engine(trained, tmp_path, caps
 
 
 def test_stage_directory_takes_final_then_newest_step(trained, tmp_path):
-    _, stage = trained
+    _, stage = trained  # .../export/unified_checkpoint/checkpoints
+    assert stage.name == "checkpoints" and stage.parent.name.endswith("_checkpoint")
     assert find_checkpoint(stage) == stage / "final"
-    copied = tmp_path / "checkpoints"
+    assert find_checkpoint(stage.parent) == stage / "final"  # the stage directory itself
+    main([str(stage.parent), "--outfile", str(tmp_path / "f.gguf"), "--outtype", "tq2_0"])
+    assert engine_logits(tmp_path / "f.gguf", IDS[:4])[0].arch == "bitnet"
+    copied = tmp_path / "unified_checkpoint" / "checkpoints"
     shutil.copytree(stage, copied, ignore=shutil.ignore_patterns("final"))
     assert find_checkpoint(copied) == copied / "step_2"
-    main([str(copied), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "tq1_0"])
+    assert find_checkpoint(copied.parent) == copied / "step_2"
+    main([str(copied.parent), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "tq1_0"])
     assert engine_logits(tmp_path / "m.gguf", IDS[:4])[0].arch == "bitnet"
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+
+
+def _zero(path):
+    path.write_bytes(bytes(path.stat().st_size))  # the right size, unreadable
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "__0_0.distcp").unlink(), "__0_0.distcp is missing"),
+        (lambda d: _truncate(d / "__0_0.distcp"), r"__0_0.distcp is truncated \(1000 bytes, the model's weights need"),
+        (lambda d: _zero(d / "__0_0.distcp"), r"its weights do not read \(UnpicklingError: "),
+        (lambda d: (d / "trainer_rank0.pt").unlink(), "trainer_rank0.pt is missing"),
+        (lambda d: _truncate(d / "trainer_rank0.pt"), r"trainer_rank0.pt does not read \("),
+        (lambda d: _truncate(d / ".metadata"), r"\.metadata does not read \("),
+        (lambda d: (d / TOKENIZER_DIR / "tokenizer.json").write_text("{"), "tokenizer: its tokenizer does not load"),
+    ],
+    ids=["distcp-missing", "distcp-truncated", "distcp-zeroed", "state-missing", "state-truncated", "metadata", "tok"],
+)
+def test_an_incomplete_or_corrupt_checkpoint_is_one_line(trained, tmp_path, capsys, damage, message):
+    _, stage = trained
+    broken = tmp_path / "final"
+    shutil.copytree(stage / "final", broken)
+    damage(broken)
+    with pytest.raises(SystemExit) as e:
+        main([str(broken), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "tq2_0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(rf"error: checkpoint {re.escape(str(broken))} is incomplete or corrupt: .*{message}", err), err
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_refuses_a_checkpoint_saved_during_the_warmup(trained, tmp_path, capsys):

@@ -18,6 +18,7 @@ from tiny_configs import TINY_SHAPE, VOCAB  # noqa: E402
 
 from wrinklefree import BitLinear, BitLinearLRC, QuantSchedule, convert  # noqa: E402
 from wrinklefree.models.hf_bitnet import (  # noqa: E402
+    bitnet_config,
     bitnet_state_dict,
     load_bitnet,
     pack_hf_ternary,
@@ -130,6 +131,34 @@ def test_qwen2_attention_bias_is_carried(tmp_path):
     assert theirs.config.attention_bias
     x = tokens()
     assert_close_up_to_rounding_flips(logits(theirs, x), logits(model, x))
+
+
+def test_packed_qwen2_checkpoint_loads_back_with_its_attention_bias(tmp_path):
+    torch.manual_seed(0)
+    model = convert(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY_SHAPE)).eval(), activation="keep")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.bias.normal_()
+    save_bitnet(model, tmp_path)  # packed
+    back = load_bitnet(tmp_path)
+    for i in range(2):
+        for sub in ("q_proj", "k_proj", "v_proj"):
+            ours, theirs = getattr(back.model.layers[i].self_attn, sub), getattr(model.model.layers[i].self_attn, sub)
+            assert ours.is_packed and torch.equal(ours.bias, theirs.bias)
+        o_proj = back.model.layers[i].self_attn.o_proj  # transformers' BitNet gives all four a bias: zero here
+        assert o_proj.is_packed and torch.equal(o_proj.bias, torch.zeros(o_proj.out_features))
+    x = tokens()
+    torch.testing.assert_close(logits(back, x), logits(pack_model(copy.deepcopy(model)), x), rtol=0, atol=1e-5)
+
+    # a bias the config has but the checkpoint lacks is missing; one the config does not have, unexpected
+    state = bitnet_state_dict(model)
+    del state["model.layers.1.self_attn.k_proj.bias"]
+    with pytest.raises(ValueError, match=r"missing \['model\.layers\.1\.self_attn\.k_proj\.bias'\], unexpected \[\]"):
+        load_bitnet(state, bitnet_config(model))
+    llama = converted_llama()
+    state = bitnet_state_dict(llama)
+    state["model.layers.0.mlp.up_proj.bias"] = torch.zeros(llama.config.intermediate_size)
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['model\.layers\.0\.mlp\.up_proj\.bias'\]"):
+        load_bitnet(state, bitnet_config(llama))
 
 
 def test_models_bitnet_cannot_express_are_refused(tmp_path):

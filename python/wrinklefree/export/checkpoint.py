@@ -14,11 +14,14 @@ and turns it into the transformers `bitnet` model that :func:`~wrinklefree.expor
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
+from wrinklefree.export.gguf_writer import load_tokenizer
 from wrinklefree.models.hf_bitnet import bitnet_config, bitnet_state_dict, load_bitnet
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.train.checkpoint import (
@@ -46,8 +49,11 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         CPU, as :func:`~wrinklefree.models.hf_bitnet.load_bitnet` returns, and the run's tokenizer; both go
         to :func:`~wrinklefree.export.export_gguf`.
     Raises:
-        FileNotFoundError: not a (complete) checkpoint, or one without its tokenizer.
-        ValueError: a checkpoint without a recorded config (an older trainer's), a float model
+        FileNotFoundError: not a checkpoint (no ``.metadata``), one without its tokenizer, or an
+            incomplete one (``trainer_rank0.pt`` or a ``.distcp`` file holding model weights missing).
+        ValueError: a corrupt checkpoint (``.metadata``, ``trainer_rank0.pt``, the tokenizer or a
+            ``.distcp`` file that does not read, or a truncated ``.distcp`` file: checked before the model
+            is built), a checkpoint without a recorded config (an older trainer's), a float model
             (``training.convert=false``), or one saved before the quantization warm-up finished (its
             weights were trained partly in full precision: the ternary model is not what was trained);
             and what transformers' BitNet cannot hold (``save_bitnet``'s refusals: LRC, Q-Sparse, SubLN
@@ -58,7 +64,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     where = resolve(path)
     if is_url(where):
         raise ValueError(f"checkpoint {path}: the exporter reads local (or hf://) checkpoints; copy it to a local disk")
-    state = read_trainer_state(where)
+    state = _read_state(path, Path(where))
     recorded = state.get("config")
     if recorded is None:
         raise ValueError(
@@ -75,11 +81,81 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             "ternary to export; convert and train it first (e.g. training=stage2_pretrain)"
         )
     _check_warmup_finished(path, state.get("quant_schedule"))
+    _check_weight_files(path, Path(where))
+    load_tokenizer(tok_dir, f"checkpoint {path} is incomplete or corrupt:")
 
-    model, tokenizer, _ = rebuild_model(where, state=state)  # schedule None: fully quantized
+    try:
+        model, tokenizer, _ = rebuild_model(where, state=state)  # schedule None: fully quantized
+    except CheckpointException as e:  # torch.distributed.checkpoint's (a BaseException): a shard that does not read
+        raise ValueError(
+            f"checkpoint {path} is incomplete or corrupt: its weights do not read ({_first_failure(e)})"
+        ) from e
     model.eval()
     bitnet = load_bitnet(bitnet_state_dict(model), bitnet_config(model))
     return bitnet, tokenizer
+
+
+def _read_state(path: str | os.PathLike, where: Path) -> dict[str, Any]:
+    """``trainer_rank0.pt``, with one clear error when the checkpoint lacks it or it does not unpickle."""
+    name = "trainer_rank0.pt"
+    if not (where / ".metadata").is_file():
+        return read_trainer_state(where)  # its error: not a checkpoint directory
+    if not (where / name).is_file():
+        raise FileNotFoundError(f"checkpoint {path} is incomplete or corrupt: {name} is missing")
+    try:
+        state = read_trainer_state(where)
+    except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # torch.load's, for a bad file
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: {name} does not read ({_one_line(e)})") from e
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"checkpoint {path} is incomplete or corrupt: {name} holds a {type(state).__name__}, not a dict"
+        )
+    return state
+
+
+def _check_weight_files(path: str | os.PathLike, where: Path) -> None:
+    """Every shard file the model weights are stored in (``.metadata`` lists them) is there and long enough."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(where).read_metadata()
+    except Exception as e:  # a truncated or foreign .metadata: an unpickling error of some kind
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: .metadata does not read ({_one_line(e)})") from e
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        return  # a layout this check does not know; loading reports what is wrong
+    needed: dict[str, int] = {}  # file -> the bytes the model's tensors need
+    for index, info in storage.items():
+        if not index.fqn.startswith("model."):
+            continue  # the optimizer's state: not read by the exporter
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = where / name
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete or corrupt: {name} is missing")
+        have = file.stat().st_size
+        if have < size:
+            raise ValueError(
+                f"checkpoint {path} is incomplete or corrupt: {name} is truncated ({have} bytes, the model's "
+                f"weights need {size})"
+            )
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _first_failure(e: BaseException) -> str:
+    """The first rank's error of a torch.distributed.checkpoint CheckpointException, in one line."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) and inner else inner  # (exception, traceback)
+        if isinstance(inner, BaseException):
+            return f"{type(inner).__name__}: {_one_line(inner)}"
+    return _one_line(e)
 
 
 def _check_warmup_finished(path: str | os.PathLike, recorded: dict[str, Any] | None) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,8 +144,17 @@ def _projection(model: nn.Module, name: str, block: int, outtype: str) -> BitLin
         )
     if isinstance(layer, BitLinearLRC):
         raise ValueError(f"export_gguf: {name} has a low-rank correction (LRC), which GGUF bitnet cannot hold")
-    if layer.qsparse is not None or layer.subln is not None or layer.bias is not None:
-        raise ValueError(f"export_gguf: {name} has Q-Sparse, its own SubLN or a bias, which GGUF bitnet cannot hold")
+    extras = [
+        what
+        for what, present in (
+            ("Q-Sparse", layer.qsparse is not None),
+            ("its own SubLN", layer.subln is not None),
+            ("a bias", layer.bias is not None),
+        )
+        if present
+    ]
+    if extras:
+        raise ValueError(f"export_gguf: {name} has {' and '.join(extras)}, which GGUF bitnet cannot hold")
     if layer.in_features % block:
         raise ValueError(
             f"export_gguf: {name}.weight has K={layer.in_features} inputs, not a multiple of the {outtype} "
@@ -175,6 +185,29 @@ def _f32(t: Tensor) -> np.ndarray:
 # ---- tokenizer ----------------------------------------------------------------------------------
 
 
+def load_tokenizer(directory: str | os.PathLike, what: str = "export_gguf: tokenizer"):
+    """The transformers tokenizer saved in ``directory`` (``save_pretrained``); a ValueError that begins with
+    ``what`` and names the directory when there is none (never a hub lookup: a directory is required)."""
+    path = Path(directory)
+    if not path.is_dir():
+        found = "a file" if path.exists() else "no such directory"
+        raise ValueError(f"{what} {directory}: {found}; expected a tokenizer directory (as save_pretrained writes)")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(
+            f"{what} {directory}: holds no tokenizer.json or tokenizer_config.json; expected a tokenizer "
+            "directory (as save_pretrained writes)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers' errors differ by what is wrong: OSError, ValueError, JSON errors
+        reason = " ".join(str(e).split()) or type(e).__name__  # one line
+        if len(reason) > 200:
+            reason = reason[:200] + " ..."
+        raise ValueError(f"{what} {directory}: its tokenizer does not load ({reason})") from e
+
+
 def _tokenizer(tokenizer: Any, path: Path | None):
     if tokenizer is None:
         if path is None or not (path / "tokenizer.json").is_file():
@@ -182,10 +215,33 @@ def _tokenizer(tokenizer: Any, path: Path | None):
             raise ValueError(f"export_gguf: {where}; pass tokenizer= (a transformers tokenizer or its directory)")
         tokenizer = path
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
     return tokenizer
+
+
+# ---- the output file ----------------------------------------------------------------------------
+
+
+def check_outfile(outfile: str | os.PathLike, what: str = "export_gguf: outfile") -> Path:
+    """``outfile`` as a Path, once it is known that a file can be written there: not empty, not a
+    directory, and the nearest existing ancestor a directory in which files can be created. A ValueError
+    that begins with ``what`` otherwise, before anything is loaded or written."""
+    if not os.fspath(outfile).strip():
+        raise ValueError(f"{what} is empty; expected the path of the .gguf file to write")
+    path = Path(outfile)
+    if path.is_dir():
+        raise ValueError(f"{what} {outfile}: is a directory; expected the path of the .gguf file to write")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {outfile}: {parent} is not a directory")
+    try:  # the only sure test that files can be created there; O_TMPFILE where it can, so nothing shows
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {outfile}: cannot create files in {parent} ({e.strerror or e})") from e
+    return path
 
 
 def _vocab(tokenizer, n_vocab: int) -> dict:
@@ -427,16 +483,22 @@ def export_gguf(
     Raises:
         ValueError: unknown outtype or architecture, an FFN activation (hidden_act) that the outtype's
             reader does not compute, a projection that is not a plain ternary BitLinear, K not a
-            multiple of the format's block, an untied output head, or no tokenizer.
+            multiple of the format's block, an untied output head, no tokenizer or a directory that
+            holds none, or an outfile that cannot be written (empty, a directory, a parent in which
+            no file can be created; checked before the model loads).
+        OSError: writing the file failed (e.g. disk full); the message names ``outfile``.
     """
     if outtype != "auto":
         architecture(outtype)  # an unknown outtype fails before the model loads
+    outfile = check_outfile(outfile)
     model, path = _load(model_or_path)
     if outtype == "auto":
         outtype = default_outtype(model.config)
     check_activation(model.config, outtype)
     tokenizer = _tokenizer(tokenizer, path)
-    outfile = Path(outfile)
-    with atomic_path(outfile) as tmp:
-        _write(tmp, model, outtype, tokenizer)
+    try:
+        with atomic_path(outfile) as tmp:
+            _write(tmp, model, outtype, tokenizer)
+    except OSError as e:  # named with the file asked for, not only the temporary one beside it
+        raise OSError(f"export_gguf: cannot write outfile {outfile}: {e.strerror or e}") from e
     return outfile

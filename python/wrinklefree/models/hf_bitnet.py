@@ -257,6 +257,8 @@ def load_bitnet(
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
     convert(model, schedule=schedule)
+    set_above: set[str] = set()  # keys of the packed layers, which are built from the state here
+    lacking: list[str] = []  # biases of packed layers the checkpoint does not have
     for name, layer in list(bitlinear_modules(model)):
         w = state.get(f"{name}.weight")
         if w is None:
@@ -271,15 +273,21 @@ def load_bitnet(
                     f"load_bitnet: {name}.weight has {codes.shape[1]} inputs, expected {layer.in_features}"
                 )
             inv = state.pop(scale_key).to(torch.float32).reshape(())
-            bias = state.pop(f"{name}.bias", None)
+            # the bias the config gives the layer (attention_bias); one it does not give stays in the
+            # state, and is reported as unexpected below
+            bias = state.pop(f"{name}.bias", None) if layer.bias is not None else None
+            if layer.bias is not None and bias is None:
+                lacking.append(f"{name}.bias")
             model.set_submodule(name, BitLinear.from_ternary(codes, 1.0 / inv, bias, schedule=schedule))
+            set_above |= {f"{name}.packed", f"{name}.bias"}
     _materialize(model, device)
     _reset_non_persistent_buffers(model, config, device)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    packed = {f"{n}.packed" for n, m in bitlinear_modules(model) if m.is_packed}  # set above
-    missing = [k for k in missing if k not in packed and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    missing = lacking + [
+        k for k in missing if k not in set_above and not (config.tie_word_embeddings and k == "lm_head.weight")
+    ]
     if missing or unexpected:
         raise ValueError(
             f"load_bitnet: checkpoint does not match the config: missing {missing}, unexpected {unexpected}"

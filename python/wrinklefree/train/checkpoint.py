@@ -611,8 +611,9 @@ def load_weights(path: str | os.PathLike, model: nn.Module, *, allow_missing: Se
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path | str | None:
-    """The trainer checkpoint ``path`` names: itself when complete (local, fsspec URL or ``hf://``), the
-    ``final`` or newest ``step_N`` one of a local stage directory; None when it names no trainer checkpoint."""
+    """The trainer checkpoint ``path`` names: itself when complete (local, fsspec URL or ``hf://``); for a
+    local stage directory (``{stage}_checkpoint``, or the ``checkpoints/`` folder in it, see :func:`stage_dir`)
+    its ``final`` or else newest ``step_N`` checkpoint. None when it names no trainer checkpoint."""
     text = str(path)
     if text.startswith("hf://"):
         where = resolve(text)
@@ -623,7 +624,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path | str | None:
     if is_complete(local):
         return local
     if local.is_dir() and not (local / "config.json").is_file():
-        return CheckpointManager(local).latest()
+        found = CheckpointManager(local).latest()
+        if found is None and (local / "checkpoints").is_dir():  # {stage}_checkpoint: its checkpoints/ folder
+            found = CheckpointManager(local / "checkpoints").latest()
+        return found
     return None
 
 
