@@ -137,6 +137,29 @@ def test_pipeline_settings_with_unknown_keys_are_errors(tmp_path):
         stage_config(cfg, "stage2_pretrain", {"max_stepz": 3})
 
 
+def test_pipeline_resumes_a_stage_an_earlier_run_left_unfinished(tmp_path, monkeypatch):
+    import wrinklefree.pipeline as pipeline
+
+    cfg = compose_config(tmp_path, "training=bitdistill_tiny", "experiment=p", name="pipeline")
+    step = tmp_path / "checkpoints" / "p" / "stage2_pretrain_checkpoint" / "checkpoints" / "step_4"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")  # what makes a local checkpoint complete
+    seen = []
+
+    def fake_run_stage(stage_cfg):
+        seen.append(stage_cfg.training.resume.checkpoint_path)
+        return {"seconds": 0.0, "checkpoint": "done"}
+
+    monkeypatch.setattr(pipeline, "run_stage", fake_run_stage)
+    pipe = Pipeline(cfg)
+    for stage in ("stage2_pretrain", "stage3_distill"):
+        pipe._run(stage, stage_config(cfg, stage))
+    assert seen == [str(step), None]  # the unfinished stage continues; one that never ran starts fresh
+    cfg.overwrite = True  # starts it again (the trainer removes the earlier checkpoints)
+    Pipeline(cfg)._run("stage2_pretrain", stage_config(cfg, "stage2_pretrain"))
+    assert seen[-1] is None
+
+
 def test_pipeline_runs_the_chain_reports_and_skips_what_exists(tmp_path, capsys):
     chain = {
         "stage1_subln": {"max_steps": 0},  # conversion only, as in the recipe

@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.errors import ConfigCompositionException  # noqa: E402
 
 from wrinklefree.nn import BitLinear  # noqa: E402
-from wrinklefree.train.trainer import Trainer  # noqa: E402
+from wrinklefree.train.metrics import MetricsLogger  # noqa: E402
+from wrinklefree.train.trainer import Trainer, batch_settings, cli_errors, int_setting  # noqa: E402
 
 TINY = [
     "model.config.hidden_size=64",
@@ -268,3 +272,201 @@ def test_muon_with_qk_clip_and_zclip_train_through_the_trainer(tmp_path):
     rows = metrics(summary["run_dir"])
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert summary["run_name"].startswith("tiny-unified-muon-lr0.02-")
+
+
+# ---- the command printed at the end, start-up checks, the run directory, warnings, W&B mode ----------
+
+
+def train_longer(stdout: str) -> list[str]:
+    """The arguments of the "train longer" command a run printed (after ``python -m wrinklefree.train``)."""
+    line = re.search(r"train longer: +(.*)", stdout).group(1)
+    args = shlex.split(line)
+    assert args[:3] == ["python", "-m", "wrinklefree.train"], line
+    return args[3:]
+
+
+def run_args(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WF_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "wrinklefree.train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_train_longer_repeats_the_runs_overrides_and_resume_checks_the_model(tmp_path):
+    silu = ["model.config.hidden_act=silu", "model.convert.activation=keep"]
+    first = cli(tmp_path, *TINY, *silu, "training.max_steps=2", "training.eval_every=0", "experiment=silu")
+    assert first.returncode == 0, first.stderr[-3000:]
+    args = train_longer(first.stdout)
+    final = tmp_path / "checkpoints" / "silu" / "unified_checkpoint" / "checkpoints" / "final"
+    assert args[0] == f"output_dir={tmp_path}" and args[1 : 1 + len(TINY)] == TINY
+    assert [a for a in args if a.startswith(("model.config.hidden_act=", "model.convert.activation="))] == silu
+    assert args[-3:] == ["experiment=silu", f"training.resume.checkpoint_path={final}", "training.max_steps=4"]
+    assert "training.max_steps=2" not in args  # the run's own step count is replaced, not repeated
+
+    # the printed command continues the run with the model it trained
+    config_yaml = tmp_path / "runs" / "silu" / "unified" / "config.yaml"
+    resumed = run_args(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "hidden_act: silu" in config_yaml.read_text()
+    assert [r["step"] for r in metrics(tmp_path / "runs" / "silu" / "unified")] == [1, 2, 3, 4]
+
+    # without the model overrides, the resume is refused before anything is written, naming what differs
+    before = config_yaml.read_text(), (final / ".metadata").stat().st_mtime_ns
+    bare = [a for a in args if a not in silu]
+    refused = run_args([*bare[:-1], "training.max_steps=6"])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    (line,) = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
+    assert "model.config.hidden_act: silu in the checkpoint, relu2 in this run" in line
+    assert "model.convert.activation: keep in the checkpoint, relu2 in this run" in line
+    assert "model.config.hidden_act=silu model.convert.activation=keep" in line
+    assert (config_yaml.read_text(), (final / ".metadata").stat().st_mtime_ns) == before
+
+
+def test_resume_refuses_another_model_config_from_python(tmp_path):
+    common = ["training.max_steps=1", "training.eval_every=0", "experiment=m"]
+    _, summary = run(tmp_path, *common, "model.config.hidden_act=silu")
+    with pytest.raises(ValueError, match=r"model.config.hidden_act: silu in the checkpoint, relu2 in this run"):
+        Trainer(config(tmp_path, *common, f"training.resume.checkpoint_path={summary['checkpoint']}"))
+    with pytest.raises(FileNotFoundError, match="training.resume.checkpoint_path: .*nowhere"):
+        Trainer(config(tmp_path / "b", *common, f"training.resume.checkpoint_path={tmp_path / 'nowhere'}"))
+    # a run started from Python does not know its overrides, and says so in the command it prints
+    trainer = Trainer(config(tmp_path / "c", *common))
+    try:
+        command = trainer.resume_command("CKPT", 2)
+    finally:
+        trainer.close()
+    assert "training.resume.checkpoint_path=CKPT training.max_steps=2" in command and "config.yaml" in command
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.max_steps=-5", "training.max_steps must be an integer >= 0, got -5"),
+        ("training.max_steps=abc", "training.max_steps must be an integer >= 0, got 'abc'"),
+        ("training.batch_size=0", r"training.batch_size must be an integer >= 1 or null \(the gpu=auto table's\)"),
+        ("training.grad_accum=0", "training.grad_accum must be an integer >= 1 or null"),
+        ("training.optimizer.lr=-1", "training.optimizer.lr must be a number >= 0, got -1"),
+        ("training.log_every=0", "training.log_every must be an integer >= 1, got 0"),
+        ("training.optimizer.type=sgd", "training.optimizer: unknown optimizer type 'sgd'"),
+    ],
+)
+def test_bad_settings_are_errors_naming_the_key(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(config(tmp_path, override))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_null_batch_settings_come_from_the_gpu_table(tmp_path):
+    cfg = config(tmp_path, "training.batch_size=null", "training.grad_accum=3")
+    table = {"tiny": {"default": {"batch_size": 5, "grad_accum": 7}}}
+    assert batch_settings(cfg, table) == (5, 3)
+    cfg.training.grad_accum = None
+    assert batch_settings(cfg, table) == (5, 7)
+    assert int_setting(cfg, "training.max_steps", 0) == cfg.training.max_steps
+
+
+def test_cli_errors_are_one_line_for_the_packages_own_errors(tmp_path, capsys):
+    cfg = config(tmp_path, "training.max_steps=-1")
+    with pytest.raises(SystemExit) as exit_info, cli_errors():
+        int_setting(cfg, "training.max_steps", 0)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: training.max_steps must be an integer >= 0, got -1\n"
+    with pytest.raises(ValueError, match="not ours"), cli_errors():  # raised outside the package: kept as is
+        raise ValueError("not ours")
+
+
+@pytest.mark.parametrize(
+    ("module", "override", "message"),
+    [
+        ("wrinklefree.train", "device=tpu", "error: device must be auto, cpu or cuda, got 'tpu'"),
+        ("wrinklefree.train", "training.max_steps=abc", "error: training.max_steps must be an integer >= 0"),
+        ("wrinklefree.pipeline", "training=unified", "error: training=unified is a single recipe, not a pipeline"),
+    ],
+)
+def test_cli_reports_bad_settings_in_one_line_with_exit_code_2(tmp_path, module, override, message):
+    cmd = [sys.executable, "-m", module, f"output_dir={tmp_path}", override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [proc.stderr.splitlines()[-1]]
+    assert proc.stderr.splitlines()[-1].startswith(message)
+
+
+def test_a_new_run_refuses_the_checkpoints_of_an_earlier_one(tmp_path):
+    common = ["training.eval_every=0", "training.save_every=2", "experiment=again"]
+    _, summary = run(tmp_path, *common, "training.max_steps=4")
+    final = Path(summary["checkpoint"])
+    stamp = (final / ".metadata").stat().st_mtime_ns
+    trainer = Trainer(config(tmp_path, *common, "training.max_steps=3"))
+    try:
+        with pytest.raises(FileExistsError, match=r"\(final, step_2\).*training.resume.checkpoint_path=latest"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert (final / ".metadata").stat().st_mtime_ns == stamp  # the earlier run is untouched
+    assert [r["step"] for r in metrics(summary["run_dir"])] == [1, 2, 3, 4]
+    # overwrite=true replaces it: its checkpoints removed first, the metrics file started anew
+    _, again = run(tmp_path, *common, "training.max_steps=3", "overwrite=true")
+    assert [r["step"] for r in metrics(again["run_dir"])] == [1, 2, 3]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final", "step_2"]
+    assert torch.load(final / "trainer_rank0.pt", weights_only=False)["step"] == 3
+    # resuming it is no new run
+    _, resumed = run(tmp_path, *common, "training.max_steps=5", "training.resume.checkpoint_path=latest")
+    assert [r["step"] for r in metrics(resumed["run_dir"])] == [1, 2, 3, 4, 5]
+
+
+def test_a_run_shorter_than_its_warm_ups_says_what_that_means(tmp_path, capsys):
+    # the defaults of training=unified: the quantization warms up over 60 steps, the learning rate over 30
+    run(tmp_path, "training.max_steps=3", "training.eval_every=0")
+    captured = capsys.readouterr()
+    assert "warning: training.max_steps=3 is shorter than the quantization warm-up (training.quant_warmup" in (
+        captured.err
+    )
+    assert "the run ends at lam 0.05, not fully ternary" in captured.err
+    assert "warning: the learning-rate warm-up (training.lr_schedule.warmup_steps=30) is longer than" in captured.err
+    assert "export to GGUF: not yet: the quantization warm-up is at lam 0.05" in captured.out
+    run(tmp_path / "b", "training.max_steps=3", "training.eval_every=0", "training.quant_warmup.steps=2",
+        "training.lr_schedule.warmup_steps=3")  # fmt: skip
+    captured = capsys.readouterr()
+    assert "[wrinklefree] warning" not in captured.err
+    assert "export to GGUF: python -m wrinklefree.export" in captured.out
+
+
+class FakeWandb(types.ModuleType):
+    def __init__(self) -> None:
+        super().__init__("wandb")
+        self.modes: list[str] = []
+
+    def init(self, *, mode: str, **kwargs):
+        self.modes.append(mode)
+        return types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+
+
+@pytest.mark.parametrize(
+    ("env", "mode"),
+    [
+        ({"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}, None),
+        ({"WANDB_MODE": "offline", "WANDB_API_KEY": "k"}, "offline"),
+        ({"WANDB_API_KEY": "k"}, "online"),
+        ({}, "offline"),
+    ],
+)
+def test_wandb_respects_an_explicit_wandb_mode(tmp_path, monkeypatch, env, mode):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    logger = MetricsLogger(tmp_path, wandb_cfg={"enabled": True})
+    logger.close()
+    assert fake.modes == ([] if mode is None else [mode])
+    assert logger.wandb_mode == (mode or "disabled")
+
+
+def test_metrics_file_appends_only_when_asked(tmp_path):
+    for append in (True, True, False):
+        logger = MetricsLogger(tmp_path, append=append)
+        logger.log(1, {"loss": 1.0})
+        logger.close()
+    assert len(metrics(tmp_path)) == 1

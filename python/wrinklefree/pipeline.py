@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from wrinklefree.atomic import atomic_dir, atomic_write_text
 from wrinklefree.train.checkpoint import CheckpointManager, stage_dir
 from wrinklefree.train.discovery import PREVIOUS_STAGES
-from wrinklefree.train.trainer import build_tokenizer
+from wrinklefree.train.trainer import build_tokenizer, cli_errors
 
 TEACHER_STAGE = "fp_pretrain"
 LABELS = {  # the rows of the quality table (the BitDistill issue), by where each model comes from
@@ -195,6 +195,13 @@ class Pipeline:
         if done is not None:
             _log(f"{name}: skipped, its final checkpoint exists ({done})")
             return self._row(name, "skipped", self._recorded(stage), str(done))
+        rcfg = cfg.training.resume
+        if not rcfg.checkpoint_path and not self.cfg.get("overwrite"):
+            # an earlier pipeline run stopped inside this stage: continue it (overwrite=true starts it again)
+            latest = CheckpointManager(stage_dir(self.cfg.output_dir, self.experiment, stage)).latest()
+            if latest is not None:
+                _log(f"{name}: resuming the unfinished run of {stage} from {latest}")
+                rcfg.checkpoint_path = str(latest)
         _log(f"{name}: running {stage} ({cfg.training.max_steps} steps)")
         summary = run_stage(cfg)
         _log(f"{name}: done in {summary['seconds']:.0f} s")
@@ -340,7 +347,8 @@ def run_pipeline(cfg: DictConfig) -> list[Row]:
 
 @hydra.main(config_path="pkg://wrinklefree.configs", config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_pipeline(cfg)
+    with cli_errors():  # a bad setting: one line "error: ..." and exit code 2
+        run_pipeline(cfg)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,20 @@ recipe (training=bitdistill_full, bitdistill_tiny) runs its chain of stages, as
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 
 @hydra.main(config_path="pkg://wrinklefree.configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from wrinklefree.train.trainer import cli_errors
+
+    with cli_errors():  # a bad setting: one line "error: ..." and exit code 2
+        run(cfg, overrides=list(HydraConfig.get().overrides.task))
+
+
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """One run of ``cfg`` (a pipeline recipe: its chain of stages); ``overrides``: the command line's."""
     if "stages" in cfg.training:
         from wrinklefree.pipeline import run_pipeline
 
@@ -22,7 +31,7 @@ def main(cfg: DictConfig) -> None:
         return
     from wrinklefree.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overrides=overrides)
     finished = False
     try:
         trainer.fit()

@@ -1,8 +1,9 @@
 """Run names, the metrics file and the optional W&B logger.
 
 Every run writes ``metrics.jsonl`` in its run directory (one JSON object per logged step, with at
-least step, loss, lr, tokens_per_s and step_time), whatever else logs. W&B logs online when
-``WANDB_API_KEY`` is set and offline otherwise; a missing package or network never stops a run.
+least step, loss, lr, tokens_per_s and step_time), whatever else logs. W&B logs in the mode
+``WANDB_MODE`` names when it is set (``disabled``: not at all), else online when ``WANDB_API_KEY`` is set
+and offline otherwise; a missing package or network never stops a run.
 """
 
 from __future__ import annotations
@@ -22,21 +23,25 @@ def run_name(model: str, stage: str, optimizer: str, lr: float, global_batch: in
 
 
 class MetricsLogger:
-    """Writes metrics to ``{run_dir}/metrics.jsonl`` (appending, so a resumed run continues the
-    file) and to W&B when enabled. Only rank 0 should hold one."""
+    """Writes metrics to ``{run_dir}/metrics.jsonl`` and to W&B when enabled. Only rank 0 should hold one.
+
+    ``append``: continue the file (a resumed run); False starts it anew (a fresh run)."""
 
     def __init__(self, run_dir: Path, *, wandb_cfg: dict | None = None, run_config: dict | None = None,
-                 name: str = "run") -> None:  # fmt: skip
+                 name: str = "run", append: bool = True) -> None:  # fmt: skip
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self._file = self.path.open("a", buffering=1)
+        self._file = self.path.open("a" if append else "w", buffering=1)
         self.wandb = None
         self.wandb_mode = "disabled"
         if wandb_cfg and wandb_cfg.get("enabled", False):
             self.wandb = self._start_wandb(wandb_cfg, run_config or {}, name)
 
     def _start_wandb(self, cfg: dict, run_config: dict, name: str):
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        if mode == "disabled":  # asked for explicitly: no W&B at all, not even an offline run directory
+            return None
         try:
             import wandb
         except ImportError:
@@ -44,7 +49,6 @@ class MetricsLogger:
                 "[wrinklefree] W&B: the wandb package is not installed; logging to metrics.jsonl only", file=sys.stderr
             )
             return None
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         try:
             run = wandb.init(
                 project=cfg.get("project", "wrinklefree"),

@@ -7,8 +7,12 @@ import gc
 import importlib.resources
 import json
 import math
+import os
+import shlex
+import shutil
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +25,117 @@ from wrinklefree.models import convert
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.objectives import CrossEntropy, DiffusionLM, Distillation, ObjectiveManager
 from wrinklefree.train import distributed
-from wrinklefree.train.checkpoint import TOKENIZER_DIR, CheckpointManager, read_trainer_state, stage_dir
+from wrinklefree.train.checkpoint import TOKENIZER_DIR, CheckpointManager, on_rank0, read_trainer_state, stage_dir
 from wrinklefree.train.metrics import MetricsLogger, run_name
 from wrinklefree.train.optim import ZClip, build_lr_scheduler, build_optimizer
 
 GPU_TABLE_MIN_GB = (("h100_80gb", 75), ("a100_40gb", 35), ("a10g_24gb", 20))
 DISTILLATION = ("logits_kd", "attention_kd", "hidden")  # the objectives that need the teacher
 OBJECTIVES = ("ce", "dlm", *DISTILLATION)
+MODEL_KEYS = ("model", "training.convert", "training.lrc_rank")
+"""The config that decides the model a checkpoint's weights belong to: a resumed run must have the same."""
+NEXT_RUN_KEYS = ("experiment", "training.resume.checkpoint_path", "training.max_steps")
+"""The overrides the printed "train longer" command sets itself (replacing the run's own)."""
+INT_SETTINGS = (  # (key, minimum, what null means, None: not allowed): checked at start-up, named in the error
+    ("training.max_steps", 0, None),
+    ("training.quant_warmup.steps", 0, None),
+    ("training.lr_schedule.warmup_steps", 0, None),
+    ("training.log_every", 1, None),
+    ("training.eval_every", 0, "never"),
+    ("training.save_every", 0, "only the final checkpoint"),
+    ("training.eval_batches", 0, None),
+    ("training.keep_checkpoints", 0, None),
+)
+NUMBER_SETTINGS = (("training.optimizer.lr", 0.0), ("training.grad_clip", 0.0))  # (key, minimum)
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def int_setting(cfg: DictConfig, key: str, minimum: int, null: str | None = None) -> int | None:
+    """The integer at the dotted ``key`` of ``cfg``, checked: ``>= minimum``; None when it is null and ``null``
+    (what null means, for the error message) is given."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and null is not None:
+        return None
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or value < minimum:
+        alternative = f" or null ({null})" if null is not None else ""
+        raise ValueError(f"{key} must be an integer >= {minimum}{alternative}, got {value!r}")
+    return int(value)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Reject bad numbers at start-up, naming the key (rather than failing deep inside, or running 0 steps)."""
+    for key, minimum, null in INT_SETTINGS:
+        int_setting(cfg, key, minimum, null)
+    for key, minimum in NUMBER_SETTINGS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
+            raise ValueError(f"{key} must be a number >= {minimum:g}, got {value!r}")
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def model_settings(config: dict) -> dict[str, Any]:
+    """The :data:`MODEL_KEYS` of a resolved config (a plain dict), flattened to dotted keys."""
+    out: dict[str, Any] = {}
+    for key in MODEL_KEYS:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out.update(_flatten(node, key))
+    return out
+
+
+def override_value(value: Any) -> str:
+    """``value`` written as on the Hydra command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def model_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` of every :data:`MODEL_KEYS` setting in which two resolved configs
+    differ (a key one of them lacks counts as null)."""
+    a, b = model_settings(saved), model_settings(current)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _raised_in_package(error: BaseException) -> bool:
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """For the command-line entry points: a ValueError, TypeError, FileNotFoundError or FileExistsError raised by
+    this package (a bad setting, a missing file) becomes one line ``error: ...`` on stderr and exit code 2. Any other
+    exception keeps its traceback, as does every one with ``HYDRA_FULL_ERROR=1``."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _raised_in_package(e):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def gpu_table(cfg: DictConfig, device: torch.device) -> dict:
@@ -48,13 +152,17 @@ def gpu_table(cfg: DictConfig, device: torch.device) -> dict:
 
 
 def batch_settings(cfg: DictConfig, table: dict) -> tuple[int, int]:
-    """``(micro-batch size, gradient-accumulation steps)``: the config's, else the gpu table's."""
+    """``(micro-batch size, gradient-accumulation steps)``: the config's, else (null) the gpu table's."""
     entry = table.get(cfg.model.name, {})
     chosen = entry.get(cfg.training.stage) or entry.get("default") or table.get("default") or {}
-    batch = cfg.training.batch_size or chosen.get("batch_size", 1)
-    accum = cfg.training.grad_accum or chosen.get("grad_accum", 1)
+    batch = int_setting(cfg, "training.batch_size", 1, f"the gpu={cfg.gpu.name} table's")
+    accum = int_setting(cfg, "training.grad_accum", 1, f"the gpu={cfg.gpu.name} table's")
+    batch = chosen.get("batch_size", 1) if batch is None else batch
+    accum = chosen.get("grad_accum", 1) if accum is None else accum
     if batch < 1 or accum < 1:
-        raise ValueError(f"training.batch_size and training.grad_accum must be >= 1, got {batch} and {accum}")
+        raise ValueError(
+            f"gpu={cfg.gpu.name}: the table's batch_size and grad_accum must be >= 1, got {batch} and {accum}"
+        )
     return int(batch), int(accum)
 
 
@@ -125,18 +233,25 @@ def freeze_except(model: nn.Module, patterns: list[str]) -> int:
 
 
 class Trainer:
-    """Builds everything from a composed Hydra config and runs the loop (:meth:`fit`)."""
+    """Builds everything from a composed Hydra config and runs the loop (:meth:`fit`).
 
-    def __init__(self, cfg: DictConfig) -> None:
+    ``overrides``: the command-line overrides the config was composed with (Hydra's task overrides), repeated
+    in the commands printed at the end; None when unknown (a run started from Python).
+    Nothing is written before :meth:`fit`.
+    """
+
+    def __init__(self, cfg: DictConfig, *, overrides: Sequence[str] | None = None) -> None:
         from wrinklefree.data import build_loader, sources_from_config
 
         self.cfg = cfg
+        self.overrides = None if overrides is None else list(overrides)
         tcfg = cfg.training
         if "stages" in tcfg:
             raise ValueError(
                 f"training={tcfg.stage} is a pipeline of stages, not one run: python -m wrinklefree.pipeline "
                 f"training={tcfg.stage}"
             )
+        check_settings(cfg)
         self.ctx = distributed.setup(cfg.distributed.strategy, cfg.device, cfg.distributed.get("backend", "auto"))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.max_steps = int(tcfg.max_steps)
@@ -160,8 +275,11 @@ class Trainer:
         self.seq_len = int(cfg.data.seq_len)
         self.global_batch = self.batch_size * self.grad_accum * self.ctx.world_size
 
-        self.optimizer = build_optimizer(self.raw_model, _plain(tcfg.optimizer))
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, _plain(tcfg.lr_schedule), max(self.max_steps, 1))
+        try:
+            self.optimizer = build_optimizer(self.raw_model, _plain(tcfg.optimizer))
+        except ValueError as e:
+            raise ValueError(f"training.optimizer: {e}") from e
+        self.lr_scheduler = self._build_lr_scheduler(max(self.max_steps, 1))
         self.qk_tracker = None
         qk = tcfg.qk_clip.enabled
         if qk is True or (qk == "auto" and tcfg.optimizer.type == "muon"):
@@ -194,22 +312,18 @@ class Trainer:
         # A named experiment is a chain of stages (DESIGN.md section 5): each stage logs in a folder of its
         # own, as it checkpoints in one; a generated name already holds the stage.
         self.run_dir = Path(cfg.output_dir) / "runs" / self.run_name
-        log_name = self.run_name
+        self.log_name = self.run_name
         if cfg.experiment:
             self.run_dir = self.run_dir / tcfg.stage
-            log_name = f"{self.run_name}-{tcfg.stage}"
+            self.log_name = f"{self.run_name}-{tcfg.stage}"
+        self.config_dict = config_dict
         self.checkpoints = CheckpointManager(
             stage_dir(cfg.output_dir, self.run_name, tcfg.stage), keep=int(tcfg.keep_checkpoints)
         )
         self.step = 0
         self.tokens_seen = 0
-        self.logger = None
-        if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            self.logger = MetricsLogger(
-                self.run_dir, wandb_cfg=_plain(tcfg.logging.wandb), run_config=config_dict, name=log_name
-            )
+        self.resumed_from: Path | str | None = None
+        self.logger = None  # opened by fit(), which writes config.yaml first
         # ---- checkpoint discovery and remote mirror (training.init_from / remote_dir / hub_repo) ----
         self._setup_checkpoints()
         # ---- end of checkpoint discovery ----
@@ -322,6 +436,13 @@ class Trainer:
             self.cfg, self.checkpoints, self.raw_model, self.run_name, log=self._print
         )
 
+    def _build_lr_scheduler(self, steps: int):
+        self.lr_horizon = steps  # the steps the schedule spans (for the warning of a warm-up longer than that)
+        try:
+            return build_lr_scheduler(self.optimizer, _plain(self.cfg.training.lr_schedule), steps)
+        except ValueError as e:
+            raise ValueError(f"training.lr_schedule: {e}") from e
+
     def _maybe_resume(self) -> None:
         rcfg = self.cfg.training.resume
         path = rcfg.checkpoint_path
@@ -333,15 +454,15 @@ class Trainer:
                 self._print(f"resume=latest: no checkpoint in {self.checkpoints.directory}; starting fresh")
                 return
             path = found
+        self._check_resumed_model(path)
         state = CheckpointManager.load(path, self.raw_model, self.optimizer if rcfg.load_optimizer_state else None)
+        self.resumed_from = path
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         if rcfg.load_scheduler_state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         else:  # a new schedule from step 0 for the steps still to run
-            self.lr_scheduler = build_lr_scheduler(
-                self.optimizer, _plain(self.cfg.training.lr_schedule), max(self.max_steps - self.step, 1)
-            )
+            self.lr_scheduler = self._build_lr_scheduler(max(self.max_steps - self.step, 1))
         if self.schedule is not None and state.get("quant_schedule"):
             self.schedule.load_state_dict(state["quant_schedule"])
         if state.get("data") is not None:
@@ -349,6 +470,29 @@ class Trainer:
         if self.zclip is not None and state.get("zclip"):
             self.zclip.load_state_dict(state["zclip"])
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _check_resumed_model(self, path: Path | str) -> None:
+        """Refuse to resume ``path`` into a model built from other settings than the ones it was trained with
+        (:data:`MODEL_KEYS`): its weights would load into the wrong model, silently when the shapes agree."""
+        try:
+            saved = read_trainer_state(path).get("config")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"training.resume.checkpoint_path: {e}") from e
+        if saved is None:  # an older trainer's checkpoint: nothing to compare with
+            self._print(f"{path} does not record its config; resuming without checking the model settings")
+            return
+        diffs = model_differences(saved, self.config_dict)
+        if not diffs:
+            return
+        listed = "; ".join(
+            f"{k}: {override_value(a)} in the checkpoint, {override_value(b)} in this run" for k, a, b in diffs
+        )
+        fix = " ".join(shlex.quote(f"{k}={override_value(a)}") for k, a, _ in diffs)
+        raise ValueError(
+            f"training.resume.checkpoint_path={path}: the checkpoint was trained with other model settings "
+            f"({listed}). Resume with the settings it was trained with ({fix}), or start a new run "
+            "(another experiment= or output_dir=)"
+        )
 
     def _continue_data(self, path: str) -> None:
         """Start the training data where the checkpoint ``path``'s run stopped (``training.data_from``)."""
@@ -503,15 +647,85 @@ class Trainer:
     def _write_tokenizer(self, checkpoint: Path) -> None:
         self.tokenizer.save_pretrained(checkpoint / TOKENIZER_DIR)
 
+    def _claim_run_dir(self) -> None:
+        """A fresh run refuses a stage directory that holds checkpoints already (an earlier run's, which its
+        saves would replace) unless ``overwrite=true``, which removes them first. A resumed run continues there.
+        """
+        if self.resumed_from is not None:
+            return
+
+        def claim() -> None:
+            existing = [path for _, path in self.checkpoints.steps()]
+            final = self.checkpoints.find("final")
+            existing += [final] if final is not None else []
+            if not existing:
+                return
+            names = ", ".join(sorted(p.name for p in existing))
+            if not self.cfg.get("overwrite"):
+                raise FileExistsError(
+                    f"{self.checkpoints.directory} holds the checkpoints of an earlier run ({names}) that this new "
+                    f"run would replace. Continue that run with training.resume.checkpoint_path=latest (or a "
+                    f"checkpoint's path), name a new run with experiment=NAME or output_dir=DIR, or replace it "
+                    f"with overwrite=true"
+                )
+            for path in existing:
+                shutil.rmtree(path)
+            self._print(
+                f"overwrite=true: removed the earlier run's checkpoints ({names}) in {self.checkpoints.directory}"
+            )
+
+        on_rank0(claim, "the check of the checkpoint directory")
+
+    def _open_run(self) -> None:
+        """Write ``config.yaml`` and open the metrics file (appended to by a resumed run) and W&B: rank 0."""
+        if not self.ctx.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.logger = MetricsLogger(
+            self.run_dir,
+            wandb_cfg=_plain(self.cfg.training.logging.wandb),
+            run_config=self.config_dict,
+            name=self.log_name,
+            append=self.resumed_from is not None,
+        )
+
+    def _warn_short_run(self) -> None:
+        """Say what a run shorter than its warm-ups means: not fully ternary at the end (so not exportable),
+        or a learning rate that never reaches its peak."""
+        tcfg = self.cfg.training
+        if self.max_steps == 0:  # conversion only (stage 1): the next stage warms up
+            return
+        if self.schedule is not None and self.schedule.kind != "constant":
+            lam = self.schedule.lam_at(self.max_steps)
+            if lam < 1.0:
+                self._print(
+                    f"warning: training.max_steps={self.max_steps} is shorter than the quantization warm-up "
+                    f"(training.quant_warmup.steps={tcfg.quant_warmup.steps}): the run ends at lam {lam:.2f}, not "
+                    "fully ternary, and its checkpoint cannot be exported to GGUF until a resumed run completes the "
+                    "warm-up. Raise training.max_steps or lower training.quant_warmup.steps"
+                )
+        warmup = int(tcfg.lr_schedule.warmup_steps)
+        if warmup > self.lr_horizon:
+            self._print(
+                f"warning: the learning-rate warm-up (training.lr_schedule.warmup_steps={warmup}) is longer than "
+                f"the {self.lr_horizon} steps of the schedule (training.max_steps={self.max_steps}): the learning "
+                f"rate never reaches training.optimizer.lr ({self.lr_horizon / warmup:.0%} of it at the end) and "
+                "never decays. Lower training.lr_schedule.warmup_steps or raise training.max_steps"
+            )
+
     def fit(self) -> dict[str, Any]:
         """Train to ``training.max_steps``; returns a summary (first/last loss, eval loss, paths)."""
         tcfg = self.cfg.training
+        self._claim_run_dir()
+        self._open_run()
         trained = "" if self.n_trainable == self.n_params else f" ({self.n_trainable / 1e6:.2f}M trained)"
         self._print(
             f"run {self.run_name}: {self.n_params / 1e6:.2f}M parameters{trained}, {self.ctx.world_size} x "
             f"{self.ctx.device}, "
             f"batch {self.batch_size} x {self.grad_accum} accum x {self.ctx.world_size} ranks x {self.seq_len} tokens"
         )
+        self._warn_short_run()
         first_loss = None
         recent: list[float] = []  # the headline loss of the last logged steps, for a smoothed final figure
         loss_name = "loss"  # the headline: CE when it is trained, else the one objective, else the total
@@ -589,21 +803,46 @@ class Trainer:
         )
         ev = f", eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""
         export = ""
-        if self.schedule is not None and float(self.schedule.lam) >= 1.0:  # ternary, warm-up done: exportable
-            export = f"  export to GGUF: python -m wrinklefree.export {s['checkpoint']} --outfile model.gguf\n"
+        if self.schedule is not None:
+            lam = float(self.schedule.lam)
+            if lam >= 1.0:  # ternary, warm-up done: exportable
+                export = f"  export to GGUF: python -m wrinklefree.export {s['checkpoint']} --outfile model.gguf\n"
+            else:
+                export = (
+                    f"  export to GGUF: not yet: the quantization warm-up is at lam {lam:.2f} "
+                    f"(training.quant_warmup.steps={self.cfg.training.quant_warmup.steps}); train longer first\n"
+                )
         print(
             f"\nDone: {s['steps']} steps, {losses}{ev}.\n"
             f"  checkpoint: {s['checkpoint']}\n"
             f"  metrics:    {s['run_dir']}/metrics.jsonl\n\n"
             "Next steps:\n"
-            f"  train longer:   python -m wrinklefree.train experiment={s['run_name']} "
-            f"training.resume.checkpoint_path={s['checkpoint']} training.max_steps={2 * max(s['steps'], 1)}\n"
+            f"  train longer:   {self.resume_command(s['checkpoint'], 2 * max(s['steps'], 1))}\n"
             f"{export}"
             "  another recipe: python -m wrinklefree.train training=stage2_pretrain model=smollm2_135m data=fineweb\n"
             "  on N GPUs:      torchrun --nproc_per_node=N -m wrinklefree.train distributed=fsdp_multi\n"
             "  kernels:        python bench/run.py\n",
             flush=True,
         )
+
+    def resume_command(self, checkpoint: str | os.PathLike, max_steps: int) -> str:
+        """The command that continues this run from ``checkpoint`` to ``max_steps``: the run's own command-line
+        overrides (so that it builds the same model and reads the same data), then the run name, checkpoint
+        and step count."""
+        launcher = "python -m wrinklefree.train"
+        if self.ctx.world_size > 1:
+            launcher = f"torchrun --nproc_per_node={self.ctx.world_size} -m wrinklefree.train"
+        own = [o for o in self.overrides or () if o.lstrip("+~").split("=", 1)[0] not in NEXT_RUN_KEYS]
+        args = [
+            *own,
+            f"experiment={self.run_name}",
+            f"training.resume.checkpoint_path={checkpoint}",
+            f"training.max_steps={max_steps}",
+        ]
+        command = " ".join([launcher, *(shlex.quote(a) for a in args)])
+        if self.overrides is None:  # started from Python: its settings are not known as overrides
+            command += " (with the overrides this run's config was composed with; see its config.yaml)"
+        return command
 
     def close(self, clean: bool = True) -> None:
         """Release the process group; ``clean=False`` after an error (see :func:`distributed.teardown`).
