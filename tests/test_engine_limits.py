@@ -1,6 +1,6 @@
-"""The engine's and the kernels' limits on sizes a file or a caller can ask for: each is refused with
-an error naming it, never an overflow, a crash or a hang (context length, tensor sizes, metadata
-arrays, threads)."""
+"""The engine's and the kernels' limits on what a file or a caller can ask for: each is refused with
+an error naming it, never an overflow, a crash, a hang or NaN logits (context length, tensor sizes,
+metadata arrays, threads, non-finite scales and hyperparameters)."""
 
 import shutil
 import struct
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import gguf
+import numpy as np
 import pytest
 from test_engine import i2s_file, tokenizer  # noqa: F401  (fixtures)
 
@@ -101,3 +102,22 @@ def test_metadata_that_is_not_utf8_reads_with_replacement(i2s_file, tmp_path):  
     path.write_bytes(blob)
     metadata = _C.Engine(str(path), 16, "f16").metadata()
     assert "general.\ufffdame" in metadata and "general.name" not in metadata
+
+
+def test_non_finite_scales_and_hyperparameters_are_refused(i2s_file, tmp_path):  # noqa: F811
+    def rope(reader):
+        field = reader.fields["bitnet-b1.58.rope.freq_base"]
+        field.parts[field.data[0]][0] = float("inf")
+
+    path = edited_copy(i2s_file, tmp_path / "rope.gguf", rope)
+    with pytest.raises(ValueError, match=r"rope\.freq_base must be a finite number > 0, got inf"):
+        _C.Engine(str(path), 16, "f16")
+
+    def scale(reader):
+        t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+        tail = reader.data[t.data_offset + t.n_bytes :][:4]  # i2s_readable: n_bytes covers the codes only
+        tail[:] = np.frombuffer(np.float32(np.nan).tobytes(), dtype=np.uint8)
+
+    path = edited_copy(i2s_file, tmp_path / "scale.gguf", scale)
+    with pytest.raises(ValueError, match=r"tensor blk\.0\.attn_q\.weight: its I2_S scale is nan"):
+        _C.Engine(str(path), 16, "f16")

@@ -123,7 +123,10 @@ void Model::load_hparams() {
   if (hp_.n_rot < 2 || hp_.n_rot > hp_.head_dim || hp_.n_rot % 2)
     f.error("rope.dimension_count " + std::to_string(hp_.n_rot) + " must be even and at most the head size " +
             std::to_string(hp_.head_dim));
-  if (!(hp_.rms_eps >= 0.0) || !(hp_.rope_base > 0.0)) f.error("bad layer_norm_rms_epsilon or rope.freq_base");
+  if (!(hp_.rms_eps >= 0.0) || !std::isfinite(hp_.rms_eps))
+    f.error("attention.layer_norm_rms_epsilon must be a finite number >= 0, got " + std::to_string(hp_.rms_eps));
+  if (!(hp_.rope_base > 0.0) || !std::isfinite(hp_.rope_base))
+    f.error("rope.freq_base must be a finite number > 0, got " + std::to_string(hp_.rope_base));
   // As transformers computes it: inv_freq = 1 / base^(2i / n_rot), in float32.
   for (int64_t i = 0; i < hp_.n_rot / 2; ++i)
     inv_freq_.push_back(1.0f / std::pow(float(hp_.rope_base), float(2 * i) / float(hp_.n_rot)));
@@ -157,8 +160,12 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
   if (const TensorInfo* s = f.tensor(scale_name)) {
     if (s->type != gguf::kF32 || s->n_elements() != 1) f.error("tensor " + scale_name + " must be one F32 value");
     std::memcpy(&extra, s->data, 4);
+    if (!std::isfinite(extra)) f.error("tensor " + scale_name + " is " + std::to_string(extra) + ", not a finite number");
   }
   if (t->type == gguf::kI2_S) {
+    float scale;  // the tensor's scale, in the tail after the M * K / 4 code bytes
+    std::memcpy(&scale, t->data + M * K / 4, 4);
+    if (!std::isfinite(scale)) f.error("tensor " + name + ": its I2_S scale is " + std::to_string(scale) + ", not a finite number");
     p.packed = t->data;
     p.post_scale = extra;
     return p;
@@ -176,6 +183,7 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
   float s = 0.0f;
   for (int64_t b = 0; b < M * K / fi.block_values; ++b) {
     const float d = block_scale(fi, t->data, b);
+    if (!std::isfinite(d)) f.error("tensor " + name + ": block " + std::to_string(b) + " has the scale " + std::to_string(d));
     if (d == 0.0f) continue;
     if (s == 0.0f) s = d;
     if (d != s)
