@@ -95,10 +95,18 @@ constexpr float kActAbsmaxFloor = 1e-5f;    // a = max(max|x|, 1e-5)
 // Non-finite values (reference.py defines the same): max|x| propagates a NaN, so a row holding one
 // has scale 127 / NaN = NaN, and a row holding an inf has scale 127 / inf = 0. Every product
 // x * scale of such a row is 0 or NaN, and a NaN quantizes to 0, so its codes are all zeros. The
-// kernels take max|x| as the largest of the bit patterns |x| (NaN > inf > every number) and write
-// zeros wherever !(scale > 0).
+// kernels take max|x| as the largest of the bit patterns |x| (NaN > inf > every number).
 constexpr uint32_t kAbsMask = 0x7fffffffu;
-inline float act_scale(float absmax) { return 127.0f / std::max(absmax, kActAbsmaxFloor); }  // max keeps a NaN
+
+// Stores the scale of a row of K values whose max|x| has the bit pattern absmax_bits, and returns it;
+// or, where it is NaN or 0, writes the row's codes (all zeros) itself and returns 0.
+inline float row_scale(uint32_t absmax_bits, int64_t K, int8_t* q, float* scale) {
+  const float s = 127.0f / std::max(bits_to_f32(absmax_bits), kActAbsmaxFloor);  // std::max keeps a NaN
+  *scale = s;
+  if (s > 0.0f) return s;
+  std::memset(q, 0, size_t(K));
+  return 0.0f;
+}
 
 // Fixed-order double reductions (see ops/reference.py: pairwise_sum). The sum of a sequence is
 // the pairwise sum of the sequence padded with zeros to a power of two: S(v) = S(first half) +

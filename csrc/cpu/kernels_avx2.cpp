@@ -171,12 +171,8 @@ inline void absmax_quantize(int64_t K, int8_t* q, float* scale, Value value) {
   __m256i vmax = _mm256_setzero_si256();
   for (int64_t i = 0; i < K; i += 8)
     vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(value(i, std::min<int64_t>(8, K - i))), abs_mask));
-  const float s = act_scale(bits_to_f32(hmax_epu32(vmax)));
-  *scale = s;
-  if (!(s > 0.0f)) {  // a NaN or an inf in the row
-    std::memset(q, 0, size_t(K));
-    return;
-  }
+  const float s = row_scale(hmax_epu32(vmax), K, q, scale);
+  if (s == 0.0f) return;  // a NaN or an inf in the row: codes written
   const __m256 vs = _mm256_set1_ps(s);
   for (int64_t i = 0; i < K; i += 8) {
     const int64_t c = std::min<int64_t>(8, K - i);

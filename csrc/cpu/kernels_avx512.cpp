@@ -310,12 +310,8 @@ inline __m512i max_abs_bits(__m512i acc, __m512 v) {
 // Quantizes K values produced by value(i, mask) with the absmax whose bit patterns are in vmax.
 template <typename Value>
 __attribute__((always_inline)) inline void quantize_by_max(int64_t K, int8_t* q, float* scale, Value value, __m512i vmax) {
-  const float s = act_scale(bits_to_f32(_mm512_reduce_max_epu32(vmax)));
-  *scale = s;
-  if (!(s > 0.0f)) {  // a NaN or an inf in the row (common.h)
-    std::memset(q, 0, size_t(K));
-    return;
-  }
+  const float s = row_scale(_mm512_reduce_max_epu32(vmax), K, q, scale);
+  if (s == 0.0f) return;  // a NaN or an inf in the row: codes written
   const __m512 vs = _mm512_set1_ps(s);
   auto round16 = [&](int64_t i, __mmask16 m) {
     return _mm512_cvt_roundps_epi32(_mm512_mul_ps(value(i, m), vs), kRoundNearest);

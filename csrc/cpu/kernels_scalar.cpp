@@ -31,12 +31,8 @@ void ternary_round(const void* w, DType dt, int64_t n, float inv, int8_t* out) {
 void absmax_quantize(int64_t K, int8_t* q, float* scale, auto&& value) {
   uint32_t top = 0;
   for (int64_t k = 0; k < K; ++k) top = std::max(top, f32_to_bits(value(k)) & kAbsMask);
-  const float s = act_scale(bits_to_f32(top));
-  *scale = s;
-  if (!(s > 0.0f)) {  // a NaN or an inf in the row
-    std::memset(q, 0, size_t(K));
-    return;
-  }
+  const float s = row_scale(top, K, q, scale);
+  if (s == 0.0f) return;  // a NaN or an inf in the row: codes written
   for (int64_t k = 0; k < K; ++k) q[k] = round_clamp(value(k) * s, -128.0f, 127.0f);
 }
 

@@ -14,7 +14,6 @@ and turns it into the transformers `bitnet` model that :func:`~wrinklefree.expor
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from wrinklefree.nn import QuantSchedule
 from wrinklefree.train.checkpoint import (
     TOKENIZER_DIR,
     is_url,
+    one_line,
     read_trainer_state,
     rebuild_model,
     resolve,
@@ -64,7 +64,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     where = resolve(path)
     if is_url(where):
         raise ValueError(f"checkpoint {path}: the exporter reads local (or hf://) checkpoints; copy it to a local disk")
-    state = _read_state(path, Path(where))
+    state = read_trainer_state(where)
     recorded = state.get("config")
     if recorded is None:
         raise ValueError(
@@ -95,24 +95,6 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     return bitnet, tokenizer
 
 
-def _read_state(path: str | os.PathLike, where: Path) -> dict[str, Any]:
-    """``trainer_rank0.pt``, with one clear error when the checkpoint lacks it or it does not unpickle."""
-    name = "trainer_rank0.pt"
-    if not (where / ".metadata").is_file():
-        return read_trainer_state(where)  # its error: not a checkpoint directory
-    if not (where / name).is_file():
-        raise FileNotFoundError(f"checkpoint {path} is incomplete or corrupt: {name} is missing")
-    try:
-        state = read_trainer_state(where)
-    except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # torch.load's, for a bad file
-        raise ValueError(f"checkpoint {path} is incomplete or corrupt: {name} does not read ({_one_line(e)})") from e
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"checkpoint {path} is incomplete or corrupt: {name} holds a {type(state).__name__}, not a dict"
-        )
-    return state
-
-
 def _check_weight_files(path: str | os.PathLike, where: Path) -> None:
     """Every shard file the model weights are stored in (``.metadata`` lists them) is there and long enough."""
     import torch.distributed.checkpoint as dcp
@@ -120,7 +102,7 @@ def _check_weight_files(path: str | os.PathLike, where: Path) -> None:
     try:
         metadata = dcp.FileSystemReader(where).read_metadata()
     except Exception as e:  # a truncated or foreign .metadata: an unpickling error of some kind
-        raise ValueError(f"checkpoint {path} is incomplete or corrupt: .metadata does not read ({_one_line(e)})") from e
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: .metadata does not read ({one_line(e)})") from e
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(storage, dict):
         return  # a layout this check does not know; loading reports what is wrong
@@ -142,11 +124,6 @@ def _check_weight_files(path: str | os.PathLike, where: Path) -> None:
             )
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
 def _first_failure(e: BaseException) -> str:
     """The first rank's error of a torch.distributed.checkpoint CheckpointException, in one line."""
     failures = getattr(e, "failures", None)
@@ -154,8 +131,8 @@ def _first_failure(e: BaseException) -> str:
         inner = next(iter(failures.values()))
         inner = inner[0] if isinstance(inner, tuple) and inner else inner  # (exception, traceback)
         if isinstance(inner, BaseException):
-            return f"{type(inner).__name__}: {_one_line(inner)}"
-    return _one_line(e)
+            return f"{type(inner).__name__}: {one_line(inner)}"
+    return one_line(e)
 
 
 def _check_warmup_finished(path: str | os.PathLike, recorded: dict[str, Any] | None) -> None:

@@ -41,6 +41,7 @@ from wrinklefree.atomic import atomic_path
 from wrinklefree.models.convert import model_type
 from wrinklefree.models.hf_bitnet import load_bitnet
 from wrinklefree.nn import BitLinear, BitLinearLRC
+from wrinklefree.train.checkpoint import one_line
 
 OUTTYPES = ("i2_s", "tq2_0", "tq1_0", "f16")
 I2S_ARCH = "bitnet-b1.58"  # bitnet.cpp's name; gguf.MODEL_ARCH has no entry for it
@@ -202,10 +203,7 @@ def load_tokenizer(directory: str | os.PathLike, what: str = "export_gguf: token
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers' errors differ by what is wrong: OSError, ValueError, JSON errors
-        reason = " ".join(str(e).split()) or type(e).__name__  # one line
-        if len(reason) > 200:
-            reason = reason[:200] + " ..."
-        raise ValueError(f"{what} {directory}: its tokenizer does not load ({reason})") from e
+        raise ValueError(f"{what} {directory}: its tokenizer does not load ({one_line(e)})") from e
 
 
 def _tokenizer(tokenizer: Any, path: Path | None):

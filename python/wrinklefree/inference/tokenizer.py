@@ -68,11 +68,13 @@ class GGUFTokenizer:
             )
         # A token string that occurs twice maps to its last id, as in llama.cpp's token-to-id map.
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        merges = _merges(_array(metadata, "tokenizer.ggml.merges", str, "strings") or [], vocab)
+        merges_text = _array(metadata, "tokenizer.ggml.merges", str, "strings") or []
+        merges = _merges(merges_text, vocab)
 
         try:
             self._tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         except Exception as e:  # the tokenizers library raises bare Exceptions
+            _check_merges(merges_text, vocab)  # names the merge at fault, if one is
             raise ValueError(f"tokenizer.ggml.tokens / tokenizer.ggml.merges do not form a BPE tokenizer: {e}") from e
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
@@ -171,9 +173,16 @@ def _array(metadata: Mapping[str, Any], key: str, kind: type, kind_name: str) ->
 
 
 def _merges(merges: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
-    """``tokenizer.ggml.merges`` as pairs, each checked to be two tokens whose concatenation is a token (the
-    tokenizers library fails on anything else, on some with a Rust panic rather than an exception)."""
-    pairs = []
+    """``tokenizer.ggml.merges`` as pairs. A merge whose concatenation is no token makes the tokenizers library
+    panic (a Rust backtrace on stderr rather than an exception), so that is checked here, in one pass."""
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    if not all(len(p) == 2 and p[0] + p[1] in vocab for p in pairs):
+        _check_merges(merges, vocab)
+    return pairs
+
+
+def _check_merges(merges: list[str], vocab: Mapping[str, int]) -> None:
+    """Raise a ValueError naming the first merge that is not two tokens whose concatenation is a token."""
     for i, merge in enumerate(merges):
         pair = merge.split(" ", 1)
         if len(pair) != 2 or not all(pair):
@@ -183,8 +192,6 @@ def _merges(merges: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]
             raise ValueError(
                 f"tokenizer.ggml.merges[{i}] {merge!r} names {missing[0]!r}, which is not in tokenizer.ggml.tokens"
             )
-        pairs.append((pair[0], pair[1]))
-    return pairs
 
 
 class IncrementalDecoder:

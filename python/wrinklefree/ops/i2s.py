@@ -26,8 +26,8 @@ from wrinklefree.ops._backend import (
 )
 from wrinklefree.ops.packing import FORMATS
 
-# The kernels' int32 sums cannot overflow up to here (csrc/cpu/ops.h: kI2sMaxK).
-I2S_MAX_K = 1 << 22
+# The longest row (K) the matmul takes: no int32 sum of the kernels can overflow up to it.
+I2S_MAX_K: int = _C.I2S_MAX_K
 
 
 def _check_packed(op: str, packed: Tensor, out_features: int, k: int) -> None:
@@ -37,7 +37,8 @@ def _check_packed(op: str, packed: Tensor, out_features: int, k: int) -> None:
     if k % 128:
         raise ValueError(f"{op}: i2_s needs K (the last dimension of the input) to be a multiple of 128, got K={k}")
     if k > I2S_MAX_K:
-        raise ValueError(f"{op}: K (the last dimension of the input) must be at most 2^22 = {I2S_MAX_K}, got K={k}")
+        limit = f"2^{I2S_MAX_K.bit_length() - 1} = {I2S_MAX_K}"
+        raise ValueError(f"{op}: K (the last dimension of the input) must be at most {limit}, got K={k}")
     need = FORMATS["i2_s"].nbytes(out_features, k)
     if packed.numel() != need:
         raise ValueError(

@@ -31,6 +31,7 @@ import fnmatch
 import io
 import json
 import os
+import pickle
 import posixpath
 import random
 import re
@@ -515,13 +516,30 @@ def _remote_remove(fs, path: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def _load_pickled(path: Path | str, name: str) -> Any:
-    """``torch.load`` of the file ``name`` in the checkpoint directory ``path`` (local or fsspec URL)."""
-    if is_url(path):
-        fs, p = filesystem(str(path))
-        with fs.open(f"{p}/{name}", "rb") as f:
-            return torch.load(io.BytesIO(f.read()), weights_only=False)
-    return torch.load(Path(path) / name, weights_only=False)
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The message of ``e`` on one line, cut at ``limit`` characters (for errors that quote another error)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _load_pickled(path: Path | str, name: str) -> dict[str, Any]:
+    """``torch.load`` of the trainer state ``name`` in the checkpoint directory ``path`` (local or fsspec URL);
+    a missing or unreadable file is one error saying the checkpoint is incomplete or corrupt."""
+    try:
+        if is_url(path):
+            fs, p = filesystem(str(path))
+            with fs.open(f"{p}/{name}", "rb") as f:
+                state = torch.load(io.BytesIO(f.read()), weights_only=False)
+        else:
+            state = torch.load(Path(path) / name, weights_only=False)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete or corrupt: {name} is missing") from e
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # torch.load's, for a bad file
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: {name} does not read ({one_line(e)})") from e
+    if not isinstance(state, dict):
+        kind = type(state).__name__
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: {name} holds a {kind}, not a dict")
+    return state
 
 
 def _read_trainer_state(path: Path | str) -> tuple[dict[str, Any], bool]:
