@@ -206,8 +206,8 @@ PYBIND11_MODULE(_C, m) {
 
   using wf::engine::Model;
   py::class_<Model>(m, "Engine", "The CPU inference engine over a GGUF file (use wrinklefree.inference.Engine)")
-      .def(py::init<const std::string&, int64_t, const std::string&>(), py::arg("path"), py::arg("n_ctx"),
-           py::arg("head"), release())
+      .def(py::init<const std::string&, int64_t, const std::string&, bool>(), py::arg("path"), py::arg("n_ctx"),
+           py::arg("head"), py::arg("use_mmap") = false, release())
       .def("metadata",
            [](const Model& e) {
              py::dict d;

@@ -106,6 +106,40 @@ def test_threads_and_isas_agree(exported, head):
         ops.set_isa(isa)
 
 
+@pytest.mark.parametrize("head", ["f16", "int8"])
+def test_mapped_and_copied_weights_agree(exported, head):
+    """By default the engine copies the weights it streams onto huge pages; use_mmap runs them from the
+    file's pages. The same bytes either way: the same logits, in prefill and in decode."""
+    _, _, path = exported
+    copied, mapped = _C.Engine(str(path), 64, head), _C.Engine(str(path), 64, head, use_mmap=True)
+    torch.testing.assert_close(run(mapped, IDS), run(copied, IDS), rtol=0, atol=0)
+    torch.testing.assert_close(run(mapped, [3], False), run(copied, [3], False), rtol=0, atol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("use_mmap", [False, True])
+def test_untied_output_head(tokenizer, tmp_path, monkeypatch, use_mmap):
+    """A file with its own output.weight (a foreign one: our exporter writes tied heads only) takes
+    the head from it and the embeddings from token_embd."""
+    from wrinklefree.export import gguf_writer
+
+    model = round_as_exported(bitnet_model(tokenizer, tie=False), "i2_s")
+    model.lm_head.weight.copy_(model.lm_head.weight.half().float())
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    add_embedding = gguf_writer.BitnetWriter.add_token_embedding
+
+    def add_embedding_and_head(self, weight):
+        add_embedding(self, weight)
+        self.writer.add_tensor("output.weight", gguf_writer._f16(model.lm_head.weight))
+
+    monkeypatch.setattr(gguf_writer.BitnetWriter, "add_token_embedding", add_embedding_and_head)
+    monkeypatch.setattr(gguf_writer, "_output_head_check", lambda model: None)
+    path = export_gguf(model, tmp_path / "untied.gguf", "i2_s", tokenizer=tokenizer)
+
+    engine = _C.Engine(str(path), 64, "f16", use_mmap=use_mmap)
+    torch.testing.assert_close(run(engine, IDS), model(torch.tensor([IDS])).logits[0], rtol=1e-5, atol=2e-6)
+
+
 @pytest.mark.skipif("avx512" not in ops.supported_isas(), reason="needs a CPU with AVX-512 (VNNI)")
 def test_tq1_0_runs_as_stored(tokenizer, tmp_path):
     """Under AVX-512 a TQ1_0 file runs as stored (no I2_S copy); loaded under another ISA it is repacked

@@ -200,6 +200,8 @@ def test_bad_arguments(engine, tmp_path, threads):
         Engine(tmp_path)
     with pytest.raises(ValueError, match="head must be one of f16, int8"):
         Engine(engine.path, head="q8")
+    with pytest.raises(TypeError, match="^use_mmap must be a bool, got str"):
+        Engine(engine.path, use_mmap="yes")
     for kwargs, match in [
         ({"n_ctx": 64.5}, r"^n_ctx must be an integer >= 1, got 64\.5"),
         ({"n_ctx": True}, r"^n_ctx must be an integer >= 1, got True"),
@@ -333,6 +335,8 @@ def test_cli_greedy(engine, model_path):
     expected = "".join(engine.generate(PROMPT, max_tokens=10, temperature=0))
     r = cli("--model", model_path, "--prompt", PROMPT, "--max-tokens", 10, "--temperature", 0, "--threads", 1)
     assert r.stdout == expected + "\n"
+    mapped = cli("--model", model_path, "--prompt", PROMPT, "--max-tokens", 10, "--temperature", 0, "--mmap")
+    assert mapped.stdout == expected + "\n"
     match = STATS.match(r.stderr.strip())
     assert match, r.stderr
     assert int(match.group(1)) == engine.last_stats.prompt_tokens

@@ -55,9 +55,38 @@ void project(std::initializer_list<std::pair<const Projection*, float*>> jobs, c
       for (int64_t i = 0; i < N * p->M; ++i) out[i] *= p->post_scale;
 }
 
+constexpr const char* kProjectionNames[] = {"attn_q.weight",   "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                                            "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"};
+
+constexpr size_t kHugePage = size_t(2) << 20;
+
 }  // namespace
 
-Model::Model(const std::string& path, int64_t n_ctx, const std::string& head) {
+WeightArena::~WeightArena() {
+  if (mapping_) ::munmap(mapping_, mapping_bytes_);
+}
+
+void WeightArena::reserve(size_t bytes) {
+  if (mapping_) fail("WeightArena::reserve called twice");
+  capacity_ = (std::max<size_t>(bytes, 1) + kHugePage - 1) / kHugePage * kHugePage;
+  mapping_bytes_ = capacity_ + kHugePage;  // room to align the start to a huge page
+  void* p = ::mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) fail("cannot reserve " + std::to_string(bytes) + " bytes for the weights: " + std::strerror(errno));
+  mapping_ = p;
+  base_ = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + kHugePage - 1) / kHugePage * kHugePage);
+  ::madvise(base_, capacity_, MADV_HUGEPAGE);  // a hint: refused where the kernel has no huge pages
+}
+
+uint8_t* WeightArena::take(size_t bytes) {
+  const size_t n = (bytes + 63) / 64 * 64;
+  if (n > capacity_ - used_)
+    fail("WeightArena: " + std::to_string(bytes) + " bytes asked, " + std::to_string(capacity_ - used_) + " left");
+  uint8_t* p = base_ + used_;
+  used_ += n;
+  return p;
+}
+
+Model::Model(const std::string& path, int64_t n_ctx, const std::string& head, bool use_mmap) : use_mmap_(use_mmap) {
   if (head != "f16" && head != "int8") fail("head must be 'f16' or 'int8', got '" + head + "'");
   if (n_ctx < 0) fail("n_ctx must be >= 0, got " + std::to_string(n_ctx));
   if (n_ctx > kMaxContext) fail("n_ctx must be at most 2^24, got " + std::to_string(n_ctx));
@@ -166,7 +195,7 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
     float scale;  // the tensor's scale, in the tail after the M * K / 4 code bytes
     std::memcpy(&scale, t->data + M * K / 4, 4);
     if (!std::isfinite(scale)) f.error("tensor " + name + ": its I2_S scale is " + std::to_string(scale) + ", not a finite number");
-    p.packed = t->data;
+    p.packed = keep(t->data, t->nbytes);
     p.post_scale = extra;
     return p;
   }
@@ -194,7 +223,7 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
   s *= extra;
   if (t->type == gguf::kTQ1_0 && has_native_tq1_0() && K <= kTq1MaxK) {  // run as stored: no copy
     p.fmt = TernaryFormat::TQ1_0;
-    p.packed = t->data;
+    p.packed = keep(t->data, t->nbytes);
     p.scale = s;
     return p;
   }
@@ -203,11 +232,47 @@ Projection Model::projection(const std::string& name, int64_t M, int64_t K) {
   std::vector<float> scales(size_t(M * K / fi.block_values));
   unpack(fi, t->data, t->nbytes, M, K, codes.data(), scales.data());
   const FormatInfo& i2s = format_info("i2_s");
-  p.owned.resize(size_t(packed_bytes(i2s, M, K)));
-  wf::pack(i2s, codes.data(), M, K, &s, 1, p.owned.data());
-  p.packed = p.owned.data();
+  uint8_t* packed = arena_.take(size_t(packed_bytes(i2s, M, K)));
+  wf::pack(i2s, codes.data(), M, K, &s, 1, packed);
+  p.packed = packed;
   f.release(t->data, t->nbytes);
   return p;
+}
+
+const uint8_t* Model::keep(const uint8_t* data, int64_t nbytes) {
+  if (use_mmap_) return data;
+  // In 1 MB blocks of the file (aligned there, so that each block's pages can be released once it
+  // is copied: the file's pages and the copy are never both resident), over the threads: most of
+  // the time goes to page faults, which run in parallel.
+  uint8_t* copy = arena_.take(size_t(nbytes));
+  constexpr uintptr_t kBlock = uintptr_t(1) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data), end = begin + uintptr_t(nbytes);
+  const uintptr_t first = begin / kBlock * kBlock;
+  parallel_for(int64_t((end - first + kBlock - 1) / kBlock), nbytes, [&](int64_t b0, int64_t b1) {
+    const uintptr_t lo = std::max(begin, first + uintptr_t(b0) * kBlock), hi = std::min(end, first + uintptr_t(b1) * kBlock);
+    std::memcpy(copy + (lo - begin), reinterpret_cast<const void*>(lo), hi - lo);
+    file_->release(reinterpret_cast<const void*>(lo), int64_t(hi - lo));
+  });
+  return copy;
+}
+
+size_t Model::arena_bytes(const std::string& head) const {
+  // An upper bound (the projections are checked later): each ternary tensor as stored or repacked
+  // to I2_S, at most 5/4 of its bytes (TQ1_0 keeps 256 values in 54 bytes, I2_S in 64) plus the
+  // I2_S tail and the alignment, and the head. The file's reader has bounded each by the file size.
+  const gguf::File& f = *file_;
+  size_t total = 0;
+  for (int64_t il = 0; il < hp_.n_layer; ++il)
+    for (const char* name : kProjectionNames) {
+      const TensorInfo* t = f.tensor(layer_tensor(il, name));
+      if (t && (t->type == gguf::kI2_S || t->type == gguf::kTQ2_0 || t->type == gguf::kTQ1_0))
+        total += size_t(t->nbytes) + size_t(t->nbytes) / 4 + 128;
+    }
+  const TensorInfo* out = f.tensor("output.weight");
+  const TensorInfo* h = out ? out : f.tensor("token_embd.weight");
+  if (head == "int8") total += size_t(hp_.n_vocab * hp_.n_embd) + 64;
+  else if (h && !use_mmap_) total += size_t(h->nbytes) + 64;
+  return total;
 }
 
 void Model::load_weights(const std::string& head) {
@@ -228,8 +293,7 @@ void Model::load_weights(const std::string& head) {
     f.error("tensor output.weight must be F16 or F32 of shape [" + std::to_string(D) + ", " +
             std::to_string(hp_.n_vocab) + "], got " + gguf::type_name(out->type) + " " + shape_str(out->ne));
   const TensorInfo* h = out ? out : emb;
-  if (h->type == gguf::kF16) head_f16_ = reinterpret_cast<const uint16_t*>(h->data);
-  else head_f32_ = reinterpret_cast<const float*>(h->data);
+  arena_.reserve(arena_bytes(head));
 
   // The norms first, copied out of the file before any projection's pages are released: read in
   // place, they would be faulted in by the first forward pass, after the releases, and the kernel
@@ -255,12 +319,21 @@ void Model::load_weights(const std::string& head) {
     L.down = projection(layer_tensor(il, "ffn_down.weight"), D, F);
   }
 
-  if (head == "int8") {
+  if (head == "f16") {
+    const uint8_t* data = keep(h->data, h->nbytes);
+    if (h->type == gguf::kF16) head_f16_ = reinterpret_cast<const uint16_t*>(data);
+    else head_f32_ = reinterpret_cast<const float*>(data);
+    if (h == emb) {  // tied: look the embeddings up in the copy, whose pages are resident anyway
+      if (embd_f16_) embd_f16_ = head_f16_;
+      else embd_f32_ = head_f32_;
+    }
+  } else {
     // Per row, the activation quantizer (absmax to +-127, round half to even) gives the int8 row
     // and q = w * s; i8_gemm wants the dequantization scale 1 / s and the row sum.
     head_ = Head::Int8;
     const int64_t V = hp_.n_vocab;
-    head_i8_.resize(size_t(V * D));
+    int8_t* rows = reinterpret_cast<int8_t*>(arena_.take(size_t(V * D)));
+    head_i8_ = rows;
     head_i8_scale_.resize(size_t(V));
     head_i8_sum_.resize(size_t(V));
     // In blocks of rows, each released once quantized, so the stored head's pages are never all
@@ -274,7 +347,7 @@ void Model::load_weights(const std::string& head) {
       const int64_t b1 = std::min(V, b0 + block);
       parallel_for(b1 - b0, (b1 - b0) * D, [&](int64_t r0, int64_t r1) {
         for (int64_t m = b0 + r0; m < b0 + r1; ++m) {
-          int8_t* q = head_i8_.data() + m * D;
+          int8_t* q = rows + m * D;
           float s;
           const uint8_t* next = m + 1 < b0 + r1 ? h->data + (m + 1) * row_bytes : nullptr;
           kern.act_quant_row(h->data + m * row_bytes, dt, D, q, &s, next);
@@ -341,7 +414,7 @@ void Model::output(const float* x, int64_t N, float* logits) const {
     act_quant_int8(y.data(), DType::F32, N, D, q.data(), xs.data());
     for (size_t i = 0; i < q.size(); ++i) xu[i] = uint8_t(int(q[i]) + 128);
     parallel_for(units, N * V * D, [&](int64_t u0, int64_t u1) {
-      k.i8_gemm(xu.data(), xs.data(), N, D, head_i8_.data(), head_i8_scale_.data(), head_i8_sum_.data(), u0 * kRows,
+      k.i8_gemm(xu.data(), xs.data(), N, D, head_i8_, head_i8_scale_.data(), head_i8_sum_.data(), u0 * kRows,
                 std::min(u1 * kRows, V), logits, V);
     });
   } else if (head_f16_) {

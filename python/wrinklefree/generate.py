@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU kernel threads (default: all available)")
     p.add_argument("--ctx", type=int, default=2048, help="context length, capped at the model's (default 2048)")
     p.add_argument("--head", choices=HEADS, default="f16", help="output head: as stored, or int8 (faster decode)")
+    p.add_argument(
+        "--mmap",
+        action="store_true",
+        help="run the weights from the file's mapping: faster load, page cache shared between processes, slower decode",
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     return p
@@ -67,7 +72,7 @@ def option_message(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        engine = Engine(args.model, n_ctx=args.ctx, threads=args.threads, head=args.head)
+        engine = Engine(args.model, n_ctx=args.ctx, threads=args.threads, head=args.head, use_mmap=args.mmap)
         pieces = engine.generate(
             args.prompt,
             max_tokens=args.max_tokens,

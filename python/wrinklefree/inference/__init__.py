@@ -1,6 +1,7 @@
 """CPU inference over GGUF files: the engine, its tokenizer and sampling.
 
-Engine(path, n_ctx=2048, threads=None, head="f16")    load a model; .generate(prompt, ...) streams text
+Engine(path, n_ctx=2048, threads=None, head="f16", use_mmap=False)
+                                                        load a model; .generate(prompt, ...) streams text
 GGUFTokenizer(metadata)                                 the byte-level BPE tokenizer stored in a GGUF file
 SamplingParams, Sampler                                 greedy / temperature, top-k, top-p, repetition penalty, seed
 python -m wrinklefree.generate --model model.gguf --prompt "..."
