@@ -139,6 +139,7 @@ def test_unified_run_logs_metrics_saves_and_lowers_the_loss(tmp_path):
     assert rows[5]["eval_loss"] > 0 and rows[-1]["eval_loss"] > 0
     assert rows[-1]["lam"] == pytest.approx(12 / 60)
     assert summary["last_loss"] < summary["first_loss"]
+    assert summary["first_loss_step"] == 1 and summary["last_loss_steps"] == list(range(3, 13))
     final = Path(summary["checkpoint"])
     assert final.name == "final" and (final / ".metadata").is_file()
     assert final.parent == tmp_path / "checkpoints" / summary["run_name"] / "unified_checkpoint" / "checkpoints"
@@ -293,9 +294,12 @@ def run_args(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_train_longer_repeats_the_runs_overrides_and_resume_checks_the_model(tmp_path):
     silu = ["model.config.hidden_act=silu", "model.convert.activation=keep"]
-    first = cli(tmp_path, *TINY, *silu, "training.max_steps=2", "training.eval_every=0", "experiment=silu")
+    once = ["training.max_steps=2", "training.eval_every=0", "experiment=silu", "overwrite=true"]
+    first = cli(tmp_path, *TINY, *silu, *once)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert re.search(r"train CE [\d.]+ \(step 1\) -> [\d.]+ \(step 2\)", first.stdout), first.stdout[-2000:]
     args = train_longer(first.stdout)
+    assert "overwrite=true" not in args  # a resumed run ignores it
     final = tmp_path / "checkpoints" / "silu" / "unified_checkpoint" / "checkpoints" / "final"
     assert args[0] == f"output_dir={tmp_path}" and args[1 : 1 + len(TINY)] == TINY
     assert [a for a in args if a.startswith(("model.config.hidden_act=", "model.convert.activation="))] == silu

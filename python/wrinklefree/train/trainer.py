@@ -34,8 +34,9 @@ DISTILLATION = ("logits_kd", "attention_kd", "hidden")  # the objectives that ne
 OBJECTIVES = ("ce", "dlm", *DISTILLATION)
 MODEL_KEYS = ("model", "training.convert", "training.lrc_rank")
 """The config that decides the model a checkpoint's weights belong to: a resumed run must have the same."""
-NEXT_RUN_KEYS = ("experiment", "training.resume.checkpoint_path", "training.max_steps")
-"""The overrides the printed "train longer" command sets itself (replacing the run's own)."""
+NEXT_RUN_KEYS = ("experiment", "training.resume.checkpoint_path", "training.max_steps", "overwrite")
+"""The overrides the printed "train longer" command sets itself (replacing the run's own), or leaves out
+(``overwrite``, which a resumed run ignores)."""
 INT_SETTINGS = (  # (key, minimum, what null means, None: not allowed): checked at start-up, named in the error
     ("training.max_steps", 0, None),
     ("training.quant_warmup.steps", 0, None),
@@ -727,7 +728,8 @@ class Trainer:
         )
         self._warn_short_run()
         first_loss = None
-        recent: list[float] = []  # the headline loss of the last logged steps, for a smoothed final figure
+        recent: list[tuple[int, float]] = []  # (step, headline loss) of the last logged steps: a smoothed final figure
+        first_step = None
         loss_name = "loss"  # the headline: CE when it is trained, else the one objective, else the total
         fit_start = time.perf_counter()
         eval_loss = None
@@ -753,8 +755,9 @@ class Trainer:
                     parts = [k.removeprefix("loss_") for k in metrics if k.startswith("loss_")]
                     loss_name = "ce" if "ce" in parts else parts[0] if len(parts) == 1 else "loss"
                     headline = metrics[f"loss_{loss_name}" if loss_name != "loss" else "loss"]
-                    first_loss = headline if first_loss is None else first_loss
-                    recent = (recent + [headline])[-10:]
+                    if first_loss is None:
+                        first_loss, first_step = headline, self.step
+                    recent = (recent + [(self.step, headline)])[-10:]
                     tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                     if bar is not None:
                         bar.set_postfix(loss=f"{headline:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
@@ -774,6 +777,7 @@ class Trainer:
                 bar.close()
             if self.logger is not None:
                 self.logger.close()
+        last = [r for r in recent if r[0] != first_step] or recent  # the first figure only when it is the only one
         summary = {
             "run_name": self.run_name,
             "stage": tcfg.stage,
@@ -782,7 +786,9 @@ class Trainer:
             "seconds": time.perf_counter() - fit_start,
             "loss_name": loss_name,
             "first_loss": first_loss,
-            "last_loss": sum(recent) / len(recent) if recent else None,
+            "first_loss_step": first_step,
+            "last_loss": sum(loss for _, loss in last) / len(last) if last else None,
+            "last_loss_steps": [step for step, _ in last],
             "eval_loss": eval_loss,
             "checkpoint": str(final),
             "run_dir": str(self.run_dir),
@@ -796,11 +802,14 @@ class Trainer:
         if not self.ctx.is_main:
             return
         name = "CE" if s["loss_name"] == "ce" else f"{s['loss_name']} loss"
-        losses = (
-            f"train {name} {s['first_loss']:.3f} (step 1) -> {s['last_loss']:.3f} (mean of the last logged steps)"
-            if s["first_loss"] is not None
-            else "no steps"
-        )
+        if s["first_loss"] is None:
+            losses = "no steps"
+        else:
+            steps = s["last_loss_steps"]
+            n = len(steps)
+            last = f"step {steps[0]}" if n == 1 else f"mean of {n} logged steps, {steps[0]}-{steps[-1]}"
+            first = f"{s['first_loss']:.3f} (step {s['first_loss_step']})"
+            losses = f"train {name} {first} -> {s['last_loss']:.3f} ({last})"
         ev = f", eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""
         export = ""
         if self.schedule is not None:
