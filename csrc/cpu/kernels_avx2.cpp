@@ -43,6 +43,13 @@ inline uint32_t hmax_epu32(__m256i v) {
   return uint32_t(_mm_cvtsi128_si32(m));
 }
 
+inline uint32_t hmin_epu32(__m256i v) {
+  __m128i m = _mm_min_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+  return uint32_t(_mm_cvtsi128_si32(m));
+}
+
 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -101,12 +108,7 @@ struct AbsSum {
   }
   // The sum, if exact (false also for an inf or a NaN).
   bool exact(double* sum) const {
-    alignas(32) uint32_t top_lanes[8], least_lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(top_lanes), max);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(least_lanes), min_less_one);
-    if (!abs_sum_order_free(*std::max_element(top_lanes, top_lanes + 8),
-                            *std::min_element(least_lanes, least_lanes + 8) + 1u))
-      return false;
+    if (!abs_sum_order_free(hmax_epu32(max), hmin_epu32(min_less_one) + 1u)) return false;
     alignas(32) double s[4];
     _mm256_store_pd(s, _mm256_add_pd(lo, hi));
     *sum = (s[0] + s[1]) + (s[2] + s[3]);
