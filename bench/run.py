@@ -744,7 +744,11 @@ def time_provider(p: Provider, s: Settings, device: str = "cpu") -> Timing:
         for _ in range(min(n, int(s.warmup_s / max(est, 1e-9)))):
             call(i)
             i += 1
-    reps = max(s.min_reps, min(s.max_reps, int(s.budget_s / max(est, 1e-9))))
+    # max_reps bounds the Python loop; a C++ timer runs its calls back to back, so there the budget
+    # alone bounds them (a decode matmul takes ~15 us: 200 calls would be 3 ms, at the mercy of one
+    # noisy millisecond of the VM)
+    cap = s.max_reps if p.timer is None else 10 * s.max_reps
+    reps = max(s.min_reps, min(cap, int(s.budget_s / max(est, 1e-9))))
     if p.timer is not None:
         rotated = sets[i % n :] + sets[: i % n]  # go on where the warm-up stopped
         times = p.timer(rotated, reps)
