@@ -352,3 +352,79 @@ def test_torch_compile_matches_eager_and_follows_the_schedule():
         for _ in range(2):
             schedule.step()
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+# ---- as a drop-in for others' code: gradients through packed layers, empty batches, dtypes, errors ----
+
+
+@pytest.mark.parametrize("subln", [False, True])
+@pytest.mark.parametrize("k", [64, 200])  # 200: the packed input dim is padded to 256
+def test_packed_layer_passes_the_input_gradient(subln, k):
+    """A packed layer is frozen, not cut out of the graph: the input gets the straight-through
+    gradient of the unpacked layer (dequantized ternary weight), as from a frozen nn.Linear."""
+    layer = BitLinear(k, 24, subln=subln)
+    x = torch.randn(2, 5, k, requires_grad=True)
+    g = torch.randn(2, 5, 24)
+    layer(x).backward(g)
+    expected_x, expected_b = x.grad.clone(), layer.bias.grad.clone()
+    x.grad = layer.bias.grad = None
+    layer.pack().train()
+    layer(x).backward(g)
+    torch.testing.assert_close(x.grad, expected_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.grad, expected_b)
+    with torch.no_grad():  # and without autograd, the packed fast path gives the same output
+        torch.testing.assert_close(layer(x), layer(x.detach().requires_grad_()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0, 48), (2, 0, 48)])
+@pytest.mark.parametrize("case", ["fused", "warm-up", "packed", "packed+subln", "lrc"])
+def test_inputs_with_no_rows_give_empty_outputs(shape, case):
+    """As nn.Linear: an empty batch (the last micro-batch, an MoE expert with no tokens) gives an
+    empty output, and the backward runs."""
+    schedule = QuantSchedule(10) if case == "warm-up" else None
+    cls = BitLinearLRC if case == "lrc" else BitLinear
+    kwargs = {"rank": 4} if case == "lrc" else {}
+    layer = cls(48, 16, subln=case == "packed+subln", schedule=schedule, **kwargs)
+    if case.startswith("packed"):
+        layer.pack()
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 16) and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("lam_one", [True, False])
+@pytest.mark.parametrize("subln", [False, True])
+def test_output_is_in_the_input_dtype_in_every_phase(dtype, lam_one, subln):
+    layer = BitLinear(64, 16, subln=subln, schedule=None if lam_one else QuantSchedule(10))
+    x = torch.randn(3, 64)
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)  # the input's rounding only
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as nn.Linear under autocast
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_bad_inputs_and_arguments_are_named():
+    layer = BitLinear(8, 4)
+    with pytest.raises(TypeError, match="BitLinear: input must be a floating-point tensor, got torch.int64"):
+        layer(torch.ones(2, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="input last dim must be 8"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="BitLinear: schedule must be a QuantSchedule or None, got float"):
+        BitLinear(8, 4, schedule=0.5)
+    with pytest.raises(TypeError, match="set_schedule: schedule must be a QuantSchedule or None, got str"):
+        set_schedule(nn.Sequential(layer), "linear")
+
+
+def test_lrc_from_linear_wraps_the_linear_with_a_zero_correction():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    lrc = BitLinearLRC.from_linear(lin, rank=4, subln=True)
+    assert lrc.weight is lin.weight and lrc.rank == 4
+    assert all(not p.is_meta for p in lrc.parameters())
+    assert torch.equal(lrc.lrc_u, torch.zeros(32, 4))
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(lrc(x), BitLinear.from_linear(lin, subln=True)(x), rtol=0, atol=0)

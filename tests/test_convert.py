@@ -233,3 +233,49 @@ def test_converted_model_compiles_and_follows_the_schedule_without_recompiling()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(2):
             step()
+
+
+def test_options_are_checked_for_every_layer_before_any_is_replaced():
+    model = tiny("llama")  # k_proj and v_proj have 64 outputs (GQA), q_proj 128
+    with pytest.raises(ValueError, match=r"lrc_rank for model\.layers\.0\.self_attn\.k_proj \[64, 128\]: rank must"):
+        convert(model, lrc_rank=100)
+    with pytest.raises(ValueError, match=r"qsparse block_size=48 does not divide the 128 inputs of model\.layers\.0"):
+        convert(model, qsparse={"mode": "block", "block_size": 48})
+    with pytest.raises(TypeError, match="schedule must be a QuantSchedule or None, got float"):
+        convert(model, schedule=0.5)
+    with pytest.raises(TypeError, match="skip must be a module name, a list of names or None"):
+        convert(model, skip=3)
+    assert not any(True for _ in bitlinear_modules(model))  # untouched: a retry works
+    assert all(m.rank == 64 for _, m in bitlinear_modules(convert(model, lrc_rank=64)))
+
+
+def test_skip_takes_one_name_or_none():
+    one = convert(tiny("llama"), skip="q_proj")
+    assert type(one.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert isinstance(one.model.layers[0].self_attn.k_proj, BitLinear)
+    assert one.config.wrinklefree["skip"] == ["q_proj"]
+    none = convert(tiny("llama"), skip=None)
+    assert isinstance(none.model.layers[0].self_attn.q_proj, BitLinear)
+    assert type(none.lm_head) is nn.Linear  # the output head is always kept
+
+
+def test_meta_conversion_initializes_what_it_added_with_reset_added_parameters():
+    from wrinklefree.nn import reset_added_parameters
+
+    expected = convert(tiny("llama"), lrc_rank=4)
+    state = tiny("llama").state_dict()
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(tiny("llama").config)
+    convert(model, lrc_rank=4)
+    model.to_empty(device="cpu")
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    assert missing and all(k.endswith(("subln.weight", "lrc_u", "lrc_v")) for k in missing)
+    reset_added_parameters(model.eval())
+    buffers = dict(expected.named_buffers())
+    for name, b in model.named_buffers():  # RoPE's, not in the state dict: to_empty left them empty
+        b.copy_(buffers[name])
+    for (name, got), (_, want) in zip(model.named_parameters(), expected.named_parameters(), strict=True):
+        if name.endswith("lrc_v"):  # random by design; U = 0 makes it irrelevant to the output
+            continue
+        assert torch.equal(got, want), name
+    torch.testing.assert_close(model(ids()).logits, expected(ids()).logits, rtol=0, atol=0)

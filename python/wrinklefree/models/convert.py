@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from wrinklefree import ops
 from wrinklefree.nn import BitLinear, BitLinearLRC, QSparse, QuantSchedule, bitlinear_modules
+from wrinklefree.nn.bitlinear import lrc_rank as lrc_rank_of
 
 #: model_type -> the family name users know it by
 SUPPORTED_MODEL_TYPES = {
@@ -71,7 +72,7 @@ def convert(
     *,
     subln: str | bool = "standard",
     activation: str = "keep",
-    skip: list[str] | tuple[str, ...] = ("lm_head",),
+    skip: str | list[str] | tuple[str, ...] | None = ("lm_head",),
     inplace: bool = True,
     schedule: QuantSchedule | None = None,
     lrc_rank: int | float | None = None,
@@ -85,8 +86,8 @@ def convert(
         subln: "standard" (SubLN before o_proj and down_proj), "allnorm" (before every
             BitLinear) or "none"; True/False mean "standard"/"none".
         activation: "keep" the model's FFN activation or use "relu2" (BitNet's ``relu(x)^2``).
-        skip: module names (or glob patterns on the full or last name) left as nn.Linear;
-            the output head is always kept.
+        skip: module names (or glob patterns on the full or last name) left as nn.Linear: a
+            list, one string, or None for none; the output head is always kept.
         inplace: convert ``model`` itself (True) or a deep copy (False).
         schedule: the quantization warm-up schedule every layer reads; None: fully quantized.
         lrc_rank: add a low-rank correction (:class:`~wrinklefree.nn.BitLinearLRC`) of this
@@ -95,6 +96,11 @@ def convert(
             settings are copied per layer) or a dict of its arguments.
     Returns:
         the converted model (``model`` itself when ``inplace``).
+    Raises:
+        ValueError, TypeError: a bad option (naming it), checked for every layer before any is replaced.
+
+    On the meta device, the parameters it adds (SubLN gains, LRC factors) are initialized by
+    :func:`~wrinklefree.nn.reset_added_parameters` once the model is materialized (``to_empty``).
     """
     mt = model_type(model)
     if mt not in SUPPORTED_MODEL_TYPES:
@@ -105,7 +111,10 @@ def convert(
     if isinstance(subln, bool):
         subln = "standard" if subln else "none"
     qs_args = _qsparse_args(qsparse)
-    cfg = ConvertConfig(subln, activation, list(skip), lrc_rank, qs_args)
+    qs = QSparse(**qs_args) if qs_args is not None else None
+    if schedule is not None and not isinstance(schedule, QuantSchedule):
+        raise TypeError(f"convert: schedule must be a QuantSchedule or None, got {type(schedule).__name__}")
+    cfg = ConvertConfig(subln, activation, _skip_list(skip), lrc_rank, qs_args)
     if any(True for _ in bitlinear_modules(model)):
         raise ValueError("convert: the model already holds BitLinear layers (converted twice?)")
     if not inplace:
@@ -118,9 +127,23 @@ def convert(
             raise ValueError("convert: subln='allnorm' is not available for a transformers BitNet model")
         cfg.subln = "builtin"
     head = _output_head(model)
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module is head or _skipped(name, cfg.skip):
-            continue
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and module is not head and not _skipped(name, cfg.skip)
+    ]
+    for name, module in targets:  # every layer's options hold before the first is replaced
+        if lrc_rank is not None:
+            try:
+                lrc_rank_of(lrc_rank, module.in_features, module.out_features)
+            except (TypeError, ValueError) as e:
+                shape = f"[{module.out_features}, {module.in_features}]"
+                raise type(e)(f"convert: lrc_rank for {name} {shape}: {e}") from None
+        if qs is not None and qs.mode == "block" and module.in_features % qs.block_size:
+            raise ValueError(
+                f"convert: qsparse block_size={qs.block_size} does not divide the {module.in_features} inputs of {name}"
+            )
+    for name, module in targets:
         leaf = name.rsplit(".", 1)[-1]
         norm = cfg.subln == "allnorm" or (cfg.subln == "standard" and leaf in SUBLN_TARGETS)
         layer = BitLinear.from_linear(module, subln=norm, subln_eps=eps, schedule=schedule)
@@ -162,6 +185,16 @@ def fuse_relu2_glu(model: nn.Module) -> int:
             module.forward = types.MethodType(_relu2_glu_ffn_forward, module)
             fused += 1
     return fused
+
+
+def _skip_list(skip) -> list[str]:
+    if skip is None:
+        return []
+    if isinstance(skip, str):
+        return [skip]
+    if not isinstance(skip, (list, tuple)) or not all(isinstance(p, str) for p in skip):
+        raise TypeError(f"convert: skip must be a module name, a list of names or None, got {skip!r}")
+    return list(skip)
 
 
 def _qsparse_args(qsparse: QSparse | dict | None) -> dict | None:

@@ -5,6 +5,7 @@ BitLinearLRC     BitLinear + trainable low-rank correction on the unquantized in
 SubLN            the RMSNorm before a BitLinear
 QSparse          top-k / N:M activation sparsity at BitLinear inputs
 QuantSchedule    the shared, checkpointable quantization warm-up factor
+reset_added_parameters  initialize SubLN / LRC parameters of a model converted on the meta device
 moe              TopKRouter, IdentityRouter, BitNetExpertFFN, BitNetMoEFFN
 """
 
@@ -14,6 +15,7 @@ from wrinklefree.nn.bitlinear import (
     bitlinear_modules,
     lrc_rank,
     pack_model,
+    reset_added_parameters,
     set_schedule,
 )
 from wrinklefree.nn.moe import (
@@ -48,6 +50,7 @@ __all__ = [
     "create_fake_moe_from_dense",
     "lrc_rank",
     "pack_model",
+    "reset_added_parameters",
     "set_schedule",
     "verify_moe_matches_dense",
 ]

@@ -51,7 +51,8 @@ class BitLinear(nn.Linear):
         schedule: the shared warm-up schedule; None means fully quantized (``lam = 1``).
         qsparse: a :class:`~wrinklefree.nn.QSparse` applied to the (normalized) input; None: dense.
 
-    Input [..., in_features] of any float dtype; output [..., out_features] in the input's dtype.
+    Input [..., in_features] of any float dtype; output [..., out_features] in the input's dtype
+    (under autocast, in the autocast dtype, as nn.Linear's).
     """
 
     def __init__(
@@ -67,6 +68,9 @@ class BitLinear(nn.Linear):
         schedule: QuantSchedule | None = None,
         qsparse: QSparse | None = None,
     ) -> None:
+        if schedule is not None and not isinstance(schedule, QuantSchedule):
+            got = type(schedule).__name__
+            raise TypeError(f"{type(self).__name__}: schedule must be a QuantSchedule or None, got {got}")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.subln = SubLN(in_features, subln_eps, device=device, dtype=dtype) if subln else None
         self.schedule = schedule
@@ -99,8 +103,16 @@ class BitLinear(nn.Linear):
     # ---- forward ------------------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> None:
-        if x.shape[-1] != self.in_features:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{type(self).__name__}: input must be a floating-point tensor, got {got}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input last dim must be {self.in_features}, got {tuple(x.shape)}")
+
+    def _empty(self, x: Tensor) -> Tensor:
+        """The output for an input with no rows: empty, as nn.Linear's (still in the autograd graph)."""
+        y = x.sum(-1, keepdim=True).expand(*x.shape[:-1], self.out_features).to(_out_dtype(x))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @property
     def fully_quantized(self) -> bool:
@@ -117,19 +129,21 @@ class BitLinear(nn.Linear):
         y = ops.bitlinear_train(h2, self.weight, nw, norm.eps if norm is not None else 0.0)
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
-        return y.to(h.dtype).reshape(*h.shape[:-1], self.out_features)
+        return y.to(_out_dtype(h)).reshape(*h.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if x.numel() == 0:
+            return self._empty(x)
         if self._use_fused():
             return self._fused(x, self.subln)
-        if self.is_packed and self.subln is not None and self.qsparse is None:
+        if self.is_packed and self.subln is not None and self.qsparse is None and not _needs_grad(x):
             # inference: SubLN and the int8 quantization in one pass (the fused kernel op)
-            x2 = x.detach().reshape(-1, self.in_features).contiguous()
+            x2 = x.reshape(-1, self.in_features).contiguous()
             q, x_scale = ops.rmsnorm_act_quant(_kernel_dtype(x2), self.subln.weight.detach(), self.subln.eps)
             return self._packed_matmul(q, x_scale, x)
         h = self.subln(x) if self.subln is not None else x
-        return self._ternary_linear(h)
+        return self._ternary_linear(h).to(_out_dtype(x))  # SubLN returns its weight's dtype
 
     def _ternary_linear(self, h: Tensor) -> Tensor:
         """The matmul on an already normalized input ``h`` [..., in]: Q-Sparse, then the fake-quantized
@@ -137,16 +151,16 @@ class BitLinear(nn.Linear):
         if self.qsparse is not None:
             h = self.qsparse(h)
         if self.is_packed:
-            h2 = _kernel_dtype(h.detach().reshape(-1, self.in_features).contiguous())
-            if self.padded_in_features == self.in_features:
-                # quantize and multiply in one op call (the same bits as the two ops)
-                return self._finish(ops.bitlinear_infer(h2, self.packed, self.out_features), h)
-            q, x_scale = ops.act_quant_int8(h2)
-            return self._packed_matmul(q, x_scale, h)
+            h2 = _kernel_dtype(h.reshape(-1, self.in_features).contiguous())
+            y = _PackedProduct.apply(h2, self) if _needs_grad(h2) else self._packed_product(h2)
+            return self._finish(y, h)
         if self._use_fused():
             return self._fused(h, None)
         lam = self.lam
-        return F.linear(act_fake_quant(h, lam), ternary_fake_quant(self.weight, lam), self.bias)
+        out_dtype = _out_dtype(h)
+        if not torch.is_autocast_enabled(h.device.type):  # a float input of another dtype than the weight's
+            h = h.to(self.weight.dtype)
+        return F.linear(act_fake_quant(h, lam), ternary_fake_quant(self.weight, lam), self.bias).to(out_dtype)
 
     # ---- packed inference ---------------------------------------------------------------------
 
@@ -216,6 +230,16 @@ class BitLinear(nn.Linear):
             return codes[:, : self.in_features], scale
         return ops.ternary_quant(self.weight.detach().contiguous())
 
+    def _packed_product(self, h2: Tensor) -> Tensor:
+        """float32 [N, out], without the bias: ``h2`` [N, in] (a kernel dtype) times the packed weight."""
+        h2 = h2.detach()
+        if self.padded_in_features == self.in_features:
+            # quantize and multiply in one op call (the same bits as the two ops)
+            return ops.bitlinear_infer(h2, self.packed, self.out_features)
+        q, x_scale = ops.act_quant_int8(h2)
+        return ops.i2s_matmul(F.pad(q, (0, self.padded_in_features - self.in_features)), x_scale, self.packed,
+                              self.out_features)  # fmt: skip
+
     def _packed_matmul(self, q: Tensor, x_scale: Tensor, like: Tensor) -> Tensor:
         """int8 rows ``q`` [N, in] times the packed weight, plus bias; shaped and typed like ``like``."""
         pad = self.padded_in_features - self.in_features
@@ -227,13 +251,39 @@ class BitLinear(nn.Linear):
         """The packed product ``y`` float32 [N, out] plus bias, shaped and typed like ``like``."""
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
-        return y.to(like.dtype).reshape(*like.shape[:-1], self.out_features)
+        return y.to(_out_dtype(like)).reshape(*like.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         if self.is_packed:
             s += ", packed=i2_s"
         return s
+
+
+class _PackedProduct(torch.autograd.Function):
+    """A packed layer's product for an input that needs a gradient: the input gets the straight-through
+    gradient of DESIGN.md section 2 (the int8 quantization passes it unchanged), through the
+    dequantized ternary weight, as from a frozen layer; the weight itself gets none."""
+
+    @staticmethod
+    def forward(ctx, h2: Tensor, layer: BitLinear) -> Tensor:
+        ctx.layer, ctx.dtype = layer, h2.dtype
+        return layer._packed_product(h2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        codes, scale = ctx.layer.ternary_weight()
+        return (grad.to(torch.float32) @ (codes.to(torch.float32) * scale)).to(ctx.dtype), None
+
+
+def _needs_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    """The output dtype for input ``x``: its own, or the autocast dtype where autocast is on (as nn.Linear)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _kernel_dtype(x: Tensor) -> Tensor:
@@ -284,11 +334,18 @@ class BitLinearLRC(BitLinear):
         new.train(layer.training)
         return new
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, rank: int | float = 0.1, **kwargs) -> BitLinearLRC:
+        """A BitLinearLRC sharing ``linear``'s parameters, with a zero-initialized correction."""
+        return cls.from_bitlinear(BitLinear.from_linear(linear, **kwargs), rank)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if x.numel() == 0:
+            return self._empty(x)
         h = self.subln(x) if self.subln is not None else x  # normalized once, for both paths
         # the fused op normalizes inside, as a plain BitLinear does, so a zero U changes nothing
-        y = self._fused(x, self.subln) if self._use_fused() else self._ternary_linear(h)
+        y = self._fused(x, self.subln) if self._use_fused() else self._ternary_linear(h).to(_out_dtype(x))
         return y + F.linear(F.linear(h.to(self.lrc_v.dtype), self.lrc_v), self.lrc_u).to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -321,6 +378,8 @@ def bitlinear_modules(model: nn.Module) -> Iterator[tuple[str, BitLinear]]:
 
 def set_schedule(model: nn.Module, schedule: QuantSchedule | None) -> QuantSchedule | None:
     """Make every BitLinear (and its Q-Sparse) in ``model`` read ``schedule``; returns it."""
+    if schedule is not None and not isinstance(schedule, QuantSchedule):
+        raise TypeError(f"set_schedule: schedule must be a QuantSchedule or None, got {type(schedule).__name__}")
     for _, m in bitlinear_modules(model):
         m.schedule = schedule
         if m.qsparse is not None:
@@ -334,3 +393,17 @@ def pack_model(model: nn.Module) -> nn.Module:
     for _, m in bitlinear_modules(model):
         m.pack()
     return model.eval()
+
+
+@torch.no_grad()
+def reset_added_parameters(model: nn.Module) -> nn.Module:
+    """Initialize what :func:`~wrinklefree.convert` adds to a model: SubLN gains to one, LRC factors as
+    :class:`BitLinearLRC` starts them. For a model converted on the meta device and then materialized
+    with ``to_empty``, whose new parameters hold garbage until then (a checkpoint that holds them makes
+    this unnecessary). Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, SubLN):
+            m.reset_parameters()
+        elif isinstance(m, BitLinearLRC):
+            m.reset_lrc()
+    return model
