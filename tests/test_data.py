@@ -21,6 +21,7 @@ from wrinklefree.data import (
     builtin_corpus,
     get_tokenizer,
     packing,
+    sources_from_config,
 )
 from wrinklefree.data import tokenizer as tokenizer_module
 
@@ -394,6 +395,49 @@ def test_local_files_errors(tmp_path):
         LocalFilesSource(str(tmp_path / "x.csv"))
     with pytest.raises(ValueError, match="paths"):
         LocalFilesSource([])
+
+
+def test_local_files_bad_contents_name_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8 text \(byte 3"):
+        list(LocalFilesSource(tmp_path / "latin1.txt"))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text"):
+        list(LocalFilesSource(tmp_path / "latin1.jsonl"))
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match=r"ints\.parquet: column 'text' holds int64, not strings"):
+        list(LocalFilesSource(tmp_path / "ints.parquet"))
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]\.weight must be a number, got 'abc'"):
+        sources_from_config([{"type": "local", "paths": str(tmp_path / "latin1.txt"), "weight": "abc"}])
+
+
+def test_local_files_paths_read_each_file_once_and_literally(tmp_path):
+    folder = tmp_path / "br[1]"  # glob characters in a real name
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "alpha"}\n')
+    (folder / "B.TXT").write_text("beta")
+    assert list(LocalFilesSource(folder / "a.jsonl")) == ["alpha"]
+    assert list(LocalFilesSource(folder)) == ["beta", "alpha"]  # sorted; suffixes in any case
+    twice = LocalFilesSource([str(tmp_path / "*" / "*.jsonl"), str(folder / "a.jsonl"), str(folder / "B.TXT")])
+    assert list(twice) == ["alpha", "beta"]  # a file two patterns name is read once
+
+
+def test_resume_warns_when_a_folder_gained_files(tok, tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in numbered_docs(20)))
+    loader = build_loader([(LocalFilesSource(tmp_path), 1.0)], tok, seq_len=8, batch_size=2, seed=0)
+    take(loader, 2)
+    state = loader.state_dict()
+    fresh = build_loader([(LocalFilesSource(tmp_path), 1.0)], tok, seq_len=8, batch_size=2, seed=0)
+    fresh.load_state_dict(state)
+    assert "changed" not in capsys.readouterr().out
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "a new document"}) + "\n")
+    grown = build_loader([(LocalFilesSource(tmp_path), 1.0)], tok, seq_len=8, batch_size=2, seed=0)
+    grown.load_state_dict(state)
+    out = capsys.readouterr().out
+    assert "warning: the files of source 0" in out and "1 files" in out and "now 2 files" in out
 
 
 def test_hf_dataset_source_on_local_files(tok, tmp_path, monkeypatch):

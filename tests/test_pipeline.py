@@ -137,6 +137,15 @@ def test_pipeline_settings_with_unknown_keys_are_errors(tmp_path):
         stage_config(cfg, "stage2_pretrain", {"max_stepz": 3})
 
 
+def test_pipeline_without_held_out_text_stops_before_training(tmp_path, monkeypatch):
+    from wrinklefree import pipeline
+
+    monkeypatch.setattr(pipeline.Pipeline, "teacher", lambda self: pytest.fail("trained before the check"))
+    cfg = compose_config(tmp_path, "data.eval_fraction=0", name="pipeline")
+    with pytest.raises(ValueError, match=r"training.eval.sequences=\d+ evaluates held-out text, and data.eval_"):
+        pipeline.Pipeline(cfg).run()
+
+
 def test_pipeline_resumes_a_stage_an_earlier_run_left_unfinished(tmp_path, monkeypatch):
     import wrinklefree.pipeline as pipeline
 

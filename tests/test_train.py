@@ -38,8 +38,11 @@ TINY = [
 
 
 def config(out: Path, *overrides: str):
+    tiny = TINY
+    if any(o.startswith("data=") for o in overrides):  # another data group has no builtin source to cap
+        tiny = [o for o in TINY if not o.startswith("data.sources.0.max_chars=")]
     with initialize_config_module("wrinklefree.configs", version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={out}", *TINY, *overrides])
+        return compose("config", overrides=[f"output_dir={out}", *tiny, *overrides])
 
 
 def run(out: Path, *overrides: str) -> tuple[Trainer, dict]:
@@ -352,12 +355,26 @@ def test_resume_refuses_another_model_config_from_python(tmp_path):
         ("training.optimizer.lr=-1", "training.optimizer.lr must be a number >= 0, got -1"),
         ("training.log_every=0", "training.log_every must be an integer >= 1, got 0"),
         ("training.optimizer.type=sgd", "training.optimizer: unknown optimizer type 'sgd'"),
+        ("data=local", r"data.paths has no default: set it on the command line \(data.paths=...\)"),
+        ("data.seq_len=abc", "data.seq_len must be an integer >= 1, got 'abc'"),
+        ("data.eval_fraction=0.7", r"data.eval_fraction must be a number in \[0, 0.5\], got 0.7"),
+        ("data.seq_len=4096", r"data.seq_len=4096 is longer than the model's 64 positions"),
     ],
 )
 def test_bad_settings_are_errors_naming_the_key(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         Trainer(config(tmp_path, override))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_an_empty_held_out_split_warns_and_reports_no_eval_loss(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a single short document, so nothing is held out " * 20)
+    trainer, summary = run(tmp_path, "data=local", f"data.paths=[{tmp_path / 'one.txt'}]", "training.max_steps=2",
+                           "training.eval_every=1")  # fmt: skip
+    assert summary["eval_loss"] is None
+    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text())["eval_loss"] is None
+    assert all("eval_loss" not in row for row in metrics(summary["run_dir"]))
+    assert capsys.readouterr().err.count("warning: the held-out split holds no sequence") == 1
 
 
 def test_null_batch_settings_come_from_the_gpu_table(tmp_path):

@@ -240,6 +240,11 @@ class Pipeline:
     def run(self) -> list[Row]:
         """Everything: teacher, stages, export, evaluation, report. Returns the report's rows."""
         start = time.perf_counter()
+        if int(self.pcfg.eval.sequences) > 0 and not float(self.cfg.data.eval_fraction) > 0:  # before hours of training
+            raise ValueError(
+                f"training.eval.sequences={self.pcfg.eval.sequences} evaluates held-out text, and data.eval_fraction "
+                f"is {self.cfg.data.eval_fraction}: set data.eval_fraction > 0, or training.eval.sequences=0"
+            )
         teacher = self.teacher()
         base = self._base()
         base.model.pretrained = self.cfg.model.pretrained or teacher  # the students start from the teacher

@@ -92,6 +92,7 @@ class PackedLoader:
             "seq_len": self.seq_len,
             "eval_every": self.eval_every,
             "sources": [repr(s) for s in self.sources],
+            "contents": [s.contents() for s in self.sources],
             "step": self.step,
         }
         if self.split == "train":
@@ -114,6 +115,13 @@ class PackedLoader:
         if state["sources"] != [repr(s) for s in self.sources]:
             # A moved data folder is a legitimate reason; the positions still apply if the documents are the same.
             print(f"load_state_dict: sources differ from the saved ones {state['sources']}; continuing anyway")
+        saved_contents = state.get("contents") or [None] * len(self.sources)  # states from before it was saved
+        for i, (saved, now) in enumerate(zip(saved_contents, (s.contents() for s in self.sources), strict=True)):
+            if saved is not None and now is not None and saved != now:
+                print(
+                    f"load_state_dict: warning: the files of source {i} ({self.sources[i]!r}) changed since the "
+                    f"position was saved ({saved}; now {now}): the run may repeat or skip documents"
+                )
         if self.split == "train":
             for stream, pos in zip(self.streams, state["streams"], strict=True):
                 stream.load_state_dict(pos)

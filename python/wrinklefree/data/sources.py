@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import glob
+import hashlib
 import inspect
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +34,11 @@ class Source(abc.ABC):
 
     def __iter__(self) -> Iterator[str]:
         return self.documents()
+
+    def contents(self) -> str | None:
+        """What the documents are read from, where the source can tell cheaply (a resumed run compares
+        it with the saved one); None where it cannot."""
+        return None
 
 
 class BuiltinSource(Source):
@@ -57,7 +63,9 @@ class LocalFilesSource(Source):
     ``paths``: a path, a glob (``**`` allowed) or a folder (its .txt/.jsonl/.parquet files, recursively), or a
     list of them. A ``.txt`` file is one document (the whole file, UTF-8); a ``.jsonl`` line is one document
     (the string field ``text_field``); a ``.parquet`` row is one document (column ``text_field``, needs pyarrow).
-    Empty documents are skipped. Raises FileNotFoundError naming a path or glob that matches nothing.
+    Empty documents are skipped; a file named twice (by two patterns) is read once, where it first appears.
+    Raises FileNotFoundError naming a path or glob that matches nothing, ValueError naming a file that is
+    not UTF-8 or holds a row that is not text.
     """
 
     def __init__(self, paths: str | Path | Sequence[str | Path], text_field: str = "text") -> None:
@@ -67,20 +75,29 @@ class LocalFilesSource(Source):
             raise ValueError("LocalFilesSource: paths is empty (give files, globs or folders)")
         self.paths = [str(p) for p in paths]
         self.text_field = text_field
-        self.files = [f for p in self.paths for f in _expand(p)]
-        if any(f.suffix == ".parquet" for f in self.files):
+        self.files = list(dict.fromkeys(f.resolve() for p in self.paths for f in _expand(p)))
+        if any(f.suffix.lower() == ".parquet" for f in self.files):
             _import_pyarrow()
 
     def documents(self) -> Iterator[str]:
         for f in self.files:
-            if f.suffix == ".txt":
-                text = f.read_text(encoding="utf-8")
+            if f.suffix.lower() == ".txt":
+                try:
+                    text = f.read_text(encoding="utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{f}: not UTF-8 text (byte {e.start}: {e.reason})") from None
                 if text:
                     yield text
-            elif f.suffix == ".jsonl":
+            elif f.suffix.lower() == ".jsonl":
                 yield from _read_jsonl(f, self.text_field)
             else:
                 yield from _read_parquet(f, self.text_field)
+
+    def contents(self) -> str:
+        """The files' names (without their folders, so that a moved data folder matches) and sizes."""
+        listing = "\n".join(f"{f.name} {f.stat().st_size}" for f in self.files)
+        total = sum(f.stat().st_size for f in self.files)
+        return f"{len(self.files)} files, {total} bytes, sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]}"
 
     def __repr__(self) -> str:
         return f"LocalFilesSource({self.paths!r}, text_field={self.text_field!r})"
@@ -166,17 +183,23 @@ def build_source(spec: Mapping) -> Source:
 def sources_from_config(specs: Sequence[Mapping]) -> list[tuple[Source, float]]:
     """``(source, mixture weight)`` pairs of a ``data.sources`` list (each a :func:`build_source` spec with an
     optional ``weight``, default 1)."""
-    return [(build_source(spec), float(spec.get("weight", 1.0))) for spec in specs]
+    out = []
+    for i, spec in enumerate(specs):
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ValueError(f"data.sources[{i}].weight must be a number, got {weight!r}")
+        out.append((build_source(spec), float(weight)))
+    return out
 
 
 def _expand(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
-    if glob.has_magic(pattern):
+    if glob.has_magic(pattern) and not path.exists():  # an existing path is taken as it is, brackets and all
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise FileNotFoundError(f"LocalFilesSource: no file matches {pattern!r}")
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
         if not files:
             raise FileNotFoundError(f"LocalFilesSource: no {'/'.join(SUFFIXES)} file under {pattern!r}")
     elif path.is_file():
@@ -184,14 +207,18 @@ def _expand(pattern: str) -> list[Path]:
     else:
         raise FileNotFoundError(f"LocalFilesSource: {pattern!r} does not exist")
     for f in files:
-        if f.suffix not in SUFFIXES:
+        if f.suffix.lower() not in SUFFIXES:
             raise ValueError(f"LocalFilesSource: {str(f)!r} is not a {'/'.join(SUFFIXES)} file")
     return files
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -211,6 +238,11 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
     # Row batches keep memory bounded on large files.
+    import pyarrow as pa
+
+    column_type = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise ValueError(f"{path}: column {text_field!r} holds {column_type}, not strings")
     for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if text:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from wrinklefree.atomic import atomic_write_text
@@ -46,6 +47,7 @@ INT_SETTINGS = (  # (key, minimum, what null means, None: not allowed): checked 
     ("training.save_every", 0, "only the final checkpoint"),
     ("training.eval_batches", 0, None),
     ("training.keep_checkpoints", 0, None),
+    ("data.seq_len", 1, None),
 )
 NUMBER_SETTINGS = (("training.optimizer.lr", 0.0), ("training.grad_clip", 0.0))  # (key, minimum)
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -69,13 +71,22 @@ def int_setting(cfg: DictConfig, key: str, minimum: int, null: str | None = None
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Reject bad numbers at start-up, naming the key (rather than failing deep inside, or running 0 steps)."""
+    """Reject missing values and bad numbers at start-up, naming the key (rather than failing deep inside, or
+    running 0 steps)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = e.full_key or "a key"
+        raise ValueError(f"{key} has no default: set it on the command line ({key}=...)") from None
     for key, minimum, null in INT_SETTINGS:
         int_setting(cfg, key, minimum, null)
     for key, minimum in NUMBER_SETTINGS:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
             raise ValueError(f"{key} must be a number >= {minimum:g}, got {value!r}")
+    fraction = OmegaConf.select(cfg, "data.eval_fraction")
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 0.5:
+        raise ValueError(f"data.eval_fraction must be a number in [0, 0.5], got {fraction!r}")
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -261,6 +272,12 @@ class Trainer:
 
         self.schedule = QuantSchedule(int(tcfg.quant_warmup.steps), tcfg.quant_warmup.kind) if tcfg.convert else None
         model = build_model(cfg, self.tokenizer, self.schedule).to(self.ctx.device)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and int(cfg.data.seq_len) > positions:
+            raise ValueError(
+                f"data.seq_len={cfg.data.seq_len} is longer than the model's {positions} positions "
+                f"(max_position_embeddings): set data.seq_len <= {positions}"
+            )
         torch.manual_seed(cfg.seed + self.ctx.rank)  # from here on (e.g. DLM masks) each rank draws its own
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = freeze_except(model, list(tcfg.trainable)) if tcfg.get("trainable") else self.n_params
@@ -305,6 +322,7 @@ class Trainer:
         self.eval_sources = sources
         self.eval_loader_kw = loader_kw
         self.has_eval = float(cfg.data.eval_fraction) > 0
+        self._warned_no_eval = False
 
         config_dict = _plain(cfg)
         self.run_name = cfg.experiment or run_name(
@@ -609,8 +627,9 @@ class Trainer:
         return {**metrics, **dict(zip(keys, values, strict=True))}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """CE on the held-out documents (``training.eval_batches`` batches), averaged over ranks."""
+    def evaluate(self) -> float | None:
+        """CE on the held-out documents (``training.eval_batches`` batches), averaged over ranks; None (with a
+        warning, once) when the held-out split holds no full sequence."""
         from wrinklefree.data import build_loader
 
         self.model.eval()
@@ -625,8 +644,14 @@ class Trainer:
             batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
             with self._autocast():
                 losses.append(ce(self.forward_model, batch).float())
-        if not losses:
-            return float("nan")
+        if not losses:  # the same on every rank: the held-out split is the same documents everywhere
+            if not self._warned_no_eval:
+                self._print(
+                    "warning: the held-out split holds no sequence of data.seq_len tokens (data.eval_fraction "
+                    "sets aside every Nth document): no eval loss; use more documents, or data.eval_fraction=0"
+                )
+                self._warned_no_eval = True
+            return None
         return distributed.all_reduce_mean(torch.stack(losses).mean()).item()
 
     def save(self, name: str) -> Path:
@@ -763,7 +788,9 @@ class Trainer:
                         bar.set_postfix(loss=f"{headline:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     metrics.update(tokens_per_s=tok_s, step_time=step_time, tokens=self.tokens_seen)
                     if self.has_eval and tcfg.eval_every and self.step % tcfg.eval_every == 0:
-                        eval_loss = metrics["eval_loss"] = self.evaluate()
+                        eval_loss = self.evaluate()
+                        if eval_loss is not None:
+                            metrics["eval_loss"] = eval_loss
                     if self.logger is not None:
                         self.logger.log(self.step, metrics)
                     window_tokens, window_start = 0, time.perf_counter()
