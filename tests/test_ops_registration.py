@@ -139,6 +139,20 @@ def test_public_functions_respect_fake_tensor_mode():
     assert out.shape == (7, 33) and out.dtype == torch.float32
 
 
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+def test_public_functions_under_vmap():
+    # torch.func wraps its tensors: the public functions must take the dispatcher (vmap's fallback
+    # loops over the batch), not hand the wrapper to the C++ kernel
+    x = torch.randn(3, 2, 256)
+    codes, scale = ops.ternary_quant(torch.randn(33, 256) * 0.02)
+    packed = ops.pack(codes, scale, "i2_s")
+    q, s = torch.func.vmap(ops.act_quant_int8)(x)
+    rows = [ops.act_quant_int8(row) for row in x]
+    assert torch.equal(q, torch.stack([r[0] for r in rows])) and torch.equal(s, torch.stack([r[1] for r in rows]))
+    y = torch.func.vmap(lambda r: ops.bitlinear_infer(r, packed, 33))(x)
+    assert torch.equal(y, torch.stack([ops.bitlinear_infer(row, packed, 33) for row in x]))
+
+
 def test_machine_probes(isa):
     # the ceilings the benchmark reports beside its timings
     assert ops.read_bandwidth(1 << 22, 2) > 1e8  # bytes/s

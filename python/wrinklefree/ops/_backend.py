@@ -114,7 +114,7 @@ def eager_cpu(*tensors: object) -> bool:
 
     The torch.library dispatcher costs ~10 us per call, as much as a decode-sized matmul. That
     path is only needed for tracing (torch.compile), tensor subclasses and dispatch/function
-    modes (FakeTensorMode, DTensor, profilers' modes), other devices, or autograd; for plain CPU
+    modes (FakeTensorMode, DTensor, profilers' modes), torch.func transforms, other devices, or autograd; for plain CPU
     tensors in eager mode the public functions call the registered CPU kernel themselves, which
     gives the same result.
     """
@@ -122,6 +122,8 @@ def eager_cpu(*tensors: object) -> bool:
         return False
     for t in tensors:
         if type(t) is not torch.Tensor or not t.is_cpu or t.requires_grad:
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):  # vmap / torch.func: their rules apply
             return False
     return not torch.overrides.has_torch_function(tensors)
 
