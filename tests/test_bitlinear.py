@@ -265,6 +265,11 @@ def test_packed_state_dict_round_trip():
     other.load_state_dict(layer.state_dict())
     x = torch.randn(3, 128)
     assert torch.equal(other(x), layer(x))
+    fresh = BitLinear(128, 12)  # an unpacked layer takes a packed state dict by packing itself
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.is_packed and fresh.weight is None and torch.equal(fresh(x), layer(x))
+    with pytest.raises(ValueError, match=r"packed must be uint8 \[448\] for out_features=13, .* \(416,\)"):
+        BitLinear(128, 13).load_state_dict(layer.state_dict())
 
 
 def test_from_ternary_builds_a_packed_layer():

@@ -205,6 +205,14 @@ class BitLinear(nn.Linear):
         self.register_parameter("weight", None)
         self.packed = buf
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A packed state dict (``packed`` instead of ``weight``) packs the layer it is loaded into: the
+        # weight is dropped and the bytes copied in, checked against this layer's shape.
+        packed = state_dict.get(prefix + "packed")
+        if packed is not None and not self.is_packed:
+            self._set_packed(torch.empty_like(packed, device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def from_ternary(cls, codes: Tensor, scale: float | Tensor, bias: Tensor | None = None, **kwargs) -> BitLinear:
         """A packed layer from ternary ``codes`` int8 [out, in] in {-1, 0, 1} and the weight scale."""
