@@ -88,3 +88,18 @@ def test_bad_arguments():
         QSparse(mode="random")
     with pytest.raises(ValueError, match="block_size"):
         QSparse(block_size=1)
+
+
+@pytest.mark.parametrize("mode", ["topk", "block"])
+def test_compiled_warmup_follows_the_schedule_without_recompiling(mode):
+    """The kept count changes every warm-up step; compiled, it is read from the schedule's step tensor, so
+    the model compiles once for the warm-up and keeps the same values as eager at every step."""
+    schedule = QuantSchedule(warmup_steps=4)
+    layer = BitLinear(64, 16, schedule=schedule, qsparse=QSparse(0.6, mode, warmup_steps=6, schedule=schedule))
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    for step in range(9):  # through the end of both warm-ups (lam turns 1 at step 4: one recompile)
+        with torch._dynamo.config.patch(error_on_recompile=step not in (0, 4)):
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6, msg=f"step {step}")
+        schedule.step()

@@ -63,24 +63,40 @@ class QSparse(nn.Module):
         """How many of ``k`` values (a row in topk mode, a block in block mode) are kept."""
         return k - round(self.current_ratio() * k)
 
+    def _count_from_tensor(self) -> bool:
+        # Compiled with a warm-up: the count changes every warm-up step, and any read of the schedule's int
+        # step would make torch.compile recompile at each; the step tensor does not (after the warm-up it
+        # holds the full ratio; the cost is a sort of each row instead of topk).
+        return torch.compiler.is_compiling() and self.warmup_steps > 0 and self.schedule is not None
+
+    def _mask(self, a: Tensor) -> Tensor:
+        """The mask of the kept values of ``a`` (magnitudes [..., n]), per row over the last dim."""
+        n = a.shape[-1]
+        if self._count_from_tensor():  # the same float64 arithmetic as kept()
+            ratio = self.ratio * torch.clamp(self.schedule.step_tensor / self.warmup_steps, max=1.0)
+            keep = n - torch.round(ratio * n)
+            order = a.argsort(dim=-1, descending=True, stable=True)
+            ranks = torch.arange(n, device=a.device).expand_as(a)
+            return torch.zeros_like(a, dtype=torch.bool).scatter_(-1, order, ranks < keep.to(a.device))
+        keep = self.kept(n)
+        if keep == n:
+            return torch.ones_like(a, dtype=torch.bool)
+        idx = a.topk(keep, dim=-1, sorted=False).indices
+        return torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True)
+
     def forward(self, x: Tensor) -> Tensor:
         k = x.shape[-1]
         if self.mode == "topk":
-            keep = self.kept(k)
-            if keep == k:
+            if not self._count_from_tensor() and self.kept(k) == k:
                 return x
-            idx = x.detach().abs().topk(keep, dim=-1, sorted=False).indices
-            mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+            mask = self._mask(x.detach().abs())
         else:
             m = self.block_size
             if k % m:
                 raise ValueError(f"QSparse: block mode needs the input size {k} to be a multiple of block_size={m}")
-            keep = self.kept(m)
-            if keep == m:
+            if not self._count_from_tensor() and self.kept(m) == m:
                 return x
-            blocks = x.detach().abs().unflatten(-1, (k // m, m))
-            idx = blocks.topk(keep, dim=-1, sorted=False).indices
-            mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, idx, True).flatten(-2)
+            mask = self._mask(x.detach().abs().unflatten(-1, (k // m, m))).flatten(-2)
         return straight_through(x.detach() * mask, x)
 
     def extra_repr(self) -> str:

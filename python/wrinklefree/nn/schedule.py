@@ -50,6 +50,9 @@ class QuantSchedule:
         self.value = float(value)
         self.current_step = 0
         self.lam = torch.zeros((), dtype=torch.float32)
+        # the step as a tensor too, for what a compiled model derives from it (Q-Sparse's warm-up):
+        # read from a tensor, a new value needs no recompile
+        self.step_tensor = torch.zeros((), dtype=torch.float64)
         self._update()
 
     def lam_at(self, step: int) -> float:
@@ -70,6 +73,7 @@ class QuantSchedule:
     def _update(self) -> None:
         value = self.lam_at(self.current_step)
         self.lam.fill_(value)
+        self.step_tensor.fill_(self.current_step)
         # Known on the host, so a layer can pick the fully quantized kernels without reading lam
         # back from a device; torch.compile guards on it and recompiles once when it turns True.
         self.full = value >= 1.0
