@@ -1052,7 +1052,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="instead of the kernels: end-to-end inference, our engine against llama.cpp (bench/e2e.py) on a random "
         "model of the 2B4T shape, or a small one to check the plumbing; --threads defaults to 2 there",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        ap.error(f"--threads must be in [1, 1024], got {args.threads}")
+    if args.kernels is not None and not [k for k in args.kernels.split(",") if k.strip()]:
+        ap.error("--kernels names no kernel")
+    if args.out is not None:
+        out = Path(args.out)
+        if not args.out.strip() or out.is_dir():
+            ap.error(f"--out must be a file path, got {args.out!r}")
+        parent = next((p for p in out.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            ap.error(f"--out: {parent} is a file, so {args.out} cannot be created")
+    if args.e2e:
+        ignored = [f"--{name}" for name in ("quick", "kernels", "isa", "gpu") if getattr(args, name)]
+        if ignored:
+            ap.error(f"--e2e runs bench/e2e.py, which takes --threads and --out only, not {' '.join(ignored)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1062,7 +1078,7 @@ def main(argv: list[str] | None = None) -> None:
 
         e2e.main(["--shape", args.e2e, "--threads", str(args.threads or 2)] + (["--out", args.out] if args.out else []))
         return
-    if args.threads:
+    if args.threads is not None:
         ops.set_num_threads(args.threads)
     if args.isa:
         ops.set_isa(args.isa)

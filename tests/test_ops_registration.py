@@ -81,6 +81,17 @@ def test_env_rejects_unknown_isa():
     assert "WF_CPU_ISA='sse9' is not one of avx512, avx2, scalar" in result.stderr
 
 
+@pytest.mark.parametrize(("value", "expected"), [("3", "3"), ("0", None), ("abc", None), ("2000", None)])
+def test_env_sets_threads_or_is_refused(value, expected):
+    result = _run("from wrinklefree import ops; print(ops.get_num_threads())", WF_NUM_THREADS=value)
+    if expected is None:
+        assert result.returncode != 0
+        assert f"WF_NUM_THREADS='{value}' is not an integer in [1, 1024]" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
+
+
 def test_set_isa_and_threads_errors(threads):
     with pytest.raises(ValueError, match="isa must be one of avx512, avx2, scalar; got 'neon'"):
         ops.set_isa("neon")

@@ -4,6 +4,7 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -28,9 +29,13 @@ namespace {
 constexpr auto kSpin = std::chrono::microseconds(100);  // how long idle workers spin before sleeping
 
 int default_threads() {
-  if (const char* env = std::getenv("WF_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return std::min(n, kMaxThreads);
+  if (const char* env = std::getenv("WF_NUM_THREADS"); env && *env) {
+    char* end = nullptr;
+    errno = 0;
+    const long n = std::strtol(env, &end, 10);
+    if (errno || *end || n < 1 || n > kMaxThreads)
+      fail("WF_NUM_THREADS='" + std::string(env) + "' is not an integer in [1, " + std::to_string(kMaxThreads) + "]");
+    return int(n);
   }
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));

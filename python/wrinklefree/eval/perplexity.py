@@ -31,7 +31,7 @@ class Perplexity:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll)
+        return math.exp(self.nll) if self.nll < 709.0 else math.inf  # past float64's range
 
 
 def heldout_sequences(data_cfg: Mapping[str, Any], tokenizer, n: int, *, seed: int = 0) -> list[Tensor]:
@@ -43,11 +43,12 @@ def heldout_sequences(data_cfg: Mapping[str, Any], tokenizer, n: int, *, seed: i
     """
     from wrinklefree.data import build_loader, sources_from_config
 
-    if n < 1:
-        raise ValueError(f"heldout_sequences: n must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"heldout_sequences: n must be an integer >= 1, got {n!r}")
     fraction = float(data_cfg["eval_fraction"])
-    if not fraction > 0:
-        raise ValueError("heldout_sequences: data.eval_fraction is 0, so no document is held out")
+    if not 0 < fraction <= 0.5:
+        reason = ", so no document is held out" if fraction == 0 else ""
+        raise ValueError(f"heldout_sequences: data.eval_fraction must be in (0, 0.5], got {fraction}{reason}")
     loader = build_loader(
         sources_from_config(data_cfg["sources"]),
         tokenizer,
@@ -67,30 +68,53 @@ def heldout_sequences(data_cfg: Mapping[str, Any], tokenizer, n: int, *, seed: i
     return out
 
 
+def _checked(what: str, sequences: Sequence[Tensor] | Tensor, n_ctx: int | None) -> list[Tensor]:
+    """``sequences`` (a list of 1-D token tensors, or one [n, S] tensor) as a list, each of 2 to ``n_ctx`` tokens."""
+    seqs = list(sequences.unbind(0)) if isinstance(sequences, Tensor) and sequences.dim() == 2 else list(sequences)
+    if not seqs:
+        raise ValueError(f"{what}: no sequences")
+    for i, ids in enumerate(seqs):
+        if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point():
+            raise ValueError(f"{what}: sequence {i} must be a 1-D tensor of token ids, got {ids!r:.80}")
+        if len(ids) < 2:
+            raise ValueError(f"{what}: sequence {i} has {len(ids)} tokens; a perplexity needs at least 2")
+        if n_ctx is not None and len(ids) > n_ctx:
+            raise ValueError(f"{what}: a sequence of {len(ids)} tokens exceeds n_ctx={n_ctx}")
+    return seqs
+
+
 @torch.no_grad()
-def model_perplexity(model: nn.Module, sequences: Sequence[Tensor], batch_size: int = 8) -> Perplexity:
-    """Perplexity of a causal LM (``model(input_ids=...)`` returning logits or an output with ``.logits``)."""
-    if not sequences:
-        raise ValueError("model_perplexity: no sequences")
+def model_perplexity(model: nn.Module, sequences: Sequence[Tensor] | Tensor, batch_size: int = 8) -> Perplexity:
+    """Perplexity of a causal LM (``model(input_ids=...)`` returning logits or an output with ``.logits``), in
+    eval mode (the model's mode is restored after). Sequences of one length batch together."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"model_perplexity: batch_size must be an integer >= 1, got {batch_size!r}")
+    n_ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    seqs = _checked("model_perplexity", sequences, n_ctx)
+    was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(sequences), batch_size):
-        ids = torch.stack(list(sequences[i : i + batch_size])).to(device)
-        total += next_token_ce(logits_of(model(input_ids=ids)), ids, reduction="sum").item()
-        count += ids[:, 1:].numel()
+    try:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        by_length: dict[int, list[Tensor]] = {}
+        for ids in seqs:
+            by_length.setdefault(len(ids), []).append(ids)
+        for group in by_length.values():
+            for i in range(0, len(group), batch_size):
+                ids = torch.stack(group[i : i + batch_size]).to(device)
+                total += next_token_ce(logits_of(model(input_ids=ids)), ids, reduction="sum").item()
+                count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
     return Perplexity(total / count, count)
 
 
 def engine_perplexity(engine, sequences: Sequence[Tensor]) -> Perplexity:
     """Perplexity of a GGUF model run by :class:`wrinklefree.inference.Engine` (one sequence per KV cache)."""
-    if not sequences:
-        raise ValueError("engine_perplexity: no sequences")
+    seqs = _checked("engine_perplexity", sequences, engine.n_ctx)
     total, count = 0.0, 0
-    for ids in sequences:
+    for ids in seqs:
         tokens = [int(t) for t in ids]
-        if len(tokens) > engine.n_ctx:
-            raise ValueError(f"engine_perplexity: a sequence of {len(tokens)} tokens exceeds n_ctx={engine.n_ctx}")
         engine.reset()
         logits = engine.logits(tokens, all_logits=True)[:-1]
         target = torch.tensor(tokens[1:], dtype=torch.int64)
