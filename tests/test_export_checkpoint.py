@@ -182,3 +182,13 @@ def test_refuses_a_directory_of_neither_kind(tmp_path, capsys):
             main([str(path), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "tq2_0"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "neither a trainer checkpoint" in err and "bitnet checkpoint" in err
+
+
+def test_refuses_a_model_the_bitnet_graphs_cannot_hold(tmp_path, capsys):
+    _, summary = run(tmp_path, *RUN[:5], "model.convert.lrc_rank=4", "training.quant_warmup.steps=0",
+                     "training.max_steps=1")  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main([summary["checkpoint"], "--outfile", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot be exported to GGUF: transformers' BitNet has no low-rank correction" in err
+    assert not (tmp_path / "m.gguf").exists()

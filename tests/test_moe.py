@@ -292,3 +292,22 @@ def test_fake_moe_bad_arguments(converted):
     moe = create_fake_moe_from_dense(converted, num_experts=2, top_k=1, router="identity")
     with pytest.raises(ValueError, match="already"):
         create_fake_moe_from_dense(moe, num_experts=2, top_k=1)
+
+
+def test_moe_model_copies_after_a_training_step_and_converts_with_a_full_precision_gate(input_ids):
+    import copy
+
+    from wrinklefree.nn import pack_model
+
+    model = create_fake_moe_from_dense(tiny_llama(), 2, 1)
+    moe = next(m for m in model.modules() if isinstance(m, BitNetMoEFFN))
+    model.train()
+    model(input_ids, labels=input_ids).loss.backward()
+    assert moe.aux_loss is not None and moe.aux_loss.requires_grad
+    twin = copy.deepcopy(model)  # the live aux_loss (in the autograd graph) is not copied
+    assert next(m for m in twin.modules() if isinstance(m, BitNetMoEFFN)).aux_loss is None
+    converted = wrinklefree.convert(model, inplace=False)  # a deep copy inside
+    assert type(next(m for m in converted.modules() if isinstance(m, TopKRouter)).gate) is nn.Linear
+    pack_model(converted)  # the gate keeps its weight, so the packed model still routes
+    with torch.no_grad():
+        assert converted(input_ids).logits.isfinite().all()

@@ -359,6 +359,10 @@ def test_resume_refuses_another_model_config_from_python(tmp_path):
         ("data.seq_len=abc", "data.seq_len must be an integer >= 1, got 'abc'"),
         ("data.eval_fraction=0.7", r"data.eval_fraction must be a number in \[0, 0.5\], got 0.7"),
         ("data.seq_len=4096", r"data.seq_len=4096 is longer than the model's 64 positions"),
+        ("model.dtype=bogus", "model.dtype must be float32, bfloat16 or float16, got 'bogus'"),
+        ("model.dtype=float16", "model.dtype=float16: float16 weights trained without loss scaling overflow"),
+        ("model.config.hidden_act=bogus", "model.config.hidden_act must be an activation transformers knows"),
+        ("model.convert.qsparse={ratio:abc}", "QSparse: ratio must be a number, got 'abc'"),
     ],
 )
 def test_bad_settings_are_errors_naming_the_key(tmp_path, override, message):
@@ -375,6 +379,13 @@ def test_an_empty_held_out_split_warns_and_reports_no_eval_loss(tmp_path, capsys
     assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text())["eval_loss"] is None
     assert all("eval_loss" not in row for row in metrics(summary["run_dir"]))
     assert capsys.readouterr().err.count("warning: the held-out split holds no sequence") == 1
+
+
+def test_summary_says_when_a_model_cannot_be_exported(tmp_path, capsys):
+    run(tmp_path, "model.convert.lrc_rank=4", "training.quant_warmup.steps=0", "training.max_steps=1")
+    out = capsys.readouterr().out
+    assert "export to GGUF: not available for this model: transformers' BitNet has no low-rank correction" in out
+    assert "python -m wrinklefree.export" not in out
 
 
 def test_null_batch_settings_come_from_the_gpu_table(tmp_path):

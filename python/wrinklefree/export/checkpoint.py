@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from wrinklefree.export.gguf_writer import load_tokenizer
-from wrinklefree.models.hf_bitnet import bitnet_config, bitnet_state_dict, load_bitnet
+from wrinklefree.models.hf_bitnet import bitnet_blocker, bitnet_config, bitnet_state_dict, load_bitnet
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.train.checkpoint import (
     TOKENIZER_DIR,
@@ -91,6 +91,9 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             f"checkpoint {path} is incomplete or corrupt: its weights do not read ({_first_failure(e)})"
         ) from e
     model.eval()
+    blocker = bitnet_blocker(model)
+    if blocker is not None:
+        raise ValueError(f"checkpoint {path} cannot be exported to GGUF: {blocker}")
     bitnet = load_bitnet(bitnet_state_dict(model), bitnet_config(model))
     return bitnet, tokenizer
 

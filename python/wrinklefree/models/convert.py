@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from torch import Tensor, nn
 
 from wrinklefree import ops
-from wrinklefree.nn import BitLinear, BitLinearLRC, QSparse, QuantSchedule, bitlinear_modules
+from wrinklefree.nn import BitLinear, BitLinearLRC, QSparse, QuantSchedule, TopKRouter, bitlinear_modules
 from wrinklefree.nn.bitlinear import lrc_rank as lrc_rank_of
 
 #: model_type -> the family name users know it by
@@ -87,7 +87,7 @@ def convert(
             BitLinear) or "none"; True/False mean "standard"/"none".
         activation: "keep" the model's FFN activation or use "relu2" (BitNet's ``relu(x)^2``).
         skip: module names (or glob patterns on the full or last name) left as nn.Linear: a
-            list, one string, or None for none; the output head is always kept.
+            list, one string, or None for none; the output head and MoE router gates are always kept.
         inplace: convert ``model`` itself (True) or a deep copy (False).
         schedule: the quantization warm-up schedule every layer reads; None: fully quantized.
         lrc_rank: add a low-rank correction (:class:`~wrinklefree.nn.BitLinearLRC`) of this
@@ -127,10 +127,11 @@ def convert(
             raise ValueError("convert: subln='allnorm' is not available for a transformers BitNet model")
         cfg.subln = "builtin"
     head = _output_head(model)
+    gates = {id(m.gate) for m in model.modules() if isinstance(m, TopKRouter)}  # routing stays full precision
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and module is not head and not _skipped(name, cfg.skip)
+        if type(module) is nn.Linear and module is not head and id(module) not in gates and not _skipped(name, cfg.skip)
     ]
     for name, module in targets:  # every layer's options hold before the first is replaced
         if lrc_rank is not None:

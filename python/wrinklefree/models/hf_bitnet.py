@@ -132,6 +132,16 @@ def bitnet_config(model: nn.Module, *, packed: bool = True):
     return config
 
 
+def bitnet_blocker(model: nn.Module) -> str | None:
+    """Why ``model`` has no transformers BitNet form (nor, so, a GGUF bitnet one): :func:`bitnet_config`'s
+    refusal (LRC, Q-Sparse, SubLN elsewhere than before o_proj and down_proj, q/k norms), or None."""
+    try:
+        bitnet_config(model)
+    except ValueError as e:
+        return str(e).removeprefix("save_bitnet: ")
+    return None
+
+
 _ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

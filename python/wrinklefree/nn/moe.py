@@ -53,8 +53,7 @@ class TopKRouter(nn.Module):
     most probable experts with those probabilities as weights (renormalized to sum 1 when
     ``normalize``). The gate stays a plain nn.Linear: routing decisions are too sensitive to
     quantize, and BitNet keeps small full-precision parts (like the output head) unquantized.
-    Note that :func:`wrinklefree.convert` turns every nn.Linear it finds into a BitLinear: convert
-    the dense model before adding experts, or pass ``skip=[..., "gate"]``.
+    :func:`wrinklefree.convert` leaves the gate an nn.Linear.
 
     Args:
         hidden_size: H, the token size.
@@ -292,6 +291,12 @@ class BitNetMoEFFN(nn.Module):
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle: the last aux_loss is in an autograd graph, which neither can copy
+        state = self.__dict__.copy()
+        state["aux_loss"] = None
+        return state
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

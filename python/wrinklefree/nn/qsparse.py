@@ -38,6 +38,12 @@ class QSparse(nn.Module):
         schedule: QuantSchedule | None = None,
     ) -> None:
         super().__init__()
+        for name, value, kind in (("ratio", ratio, (int, float)), ("block_size", block_size, int),
+                                  ("warmup_steps", warmup_steps, int)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(
+                    f"QSparse: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+                )
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"QSparse: ratio must be in [0, 1), got {ratio!r}")
         if mode not in QSPARSE_MODES:

@@ -84,6 +84,11 @@ def check_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
             raise ValueError(f"{key} must be a number >= {minimum:g}, got {value!r}")
+    if OmegaConf.select(cfg, "model.dtype") == "float16":
+        raise ValueError(
+            "model.dtype=float16: float16 weights trained without loss scaling overflow within a few steps; "
+            "use model.dtype=bfloat16 (or float32; on a GPU the forward runs under bf16 autocast either way)"
+        )
     fraction = OmegaConf.select(cfg, "data.eval_fraction")
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 0.5:
         raise ValueError(f"data.eval_fraction must be a number in [0, 0.5], got {fraction!r}")
@@ -198,9 +203,12 @@ def build_model(
     freshly initialized (for loading a checkpoint over them, without reading the pretrained weights).
     """
     import transformers
+    from transformers.activations import ACT2FN
 
     mcfg = cfg.model
-    dtype = getattr(torch, mcfg.dtype)
+    dtype = getattr(torch, str(mcfg.dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {mcfg.dtype!r}")
     if mcfg.pretrained:
         if pretrained_weights:
             model = transformers.AutoModelForCausalLM.from_pretrained(mcfg.pretrained, dtype=dtype)
@@ -212,6 +220,11 @@ def build_model(
     else:
         fields = dict(_plain(mcfg.config))
         model_type = fields.pop("model_type")
+        if "hidden_act" in fields and fields["hidden_act"] not in ACT2FN:
+            raise ValueError(
+                f"model.config.hidden_act must be an activation transformers knows (silu, relu2, gelu, ...), "
+                f"got {fields['hidden_act']!r}"
+            )
         config = transformers.AutoConfig.for_model(
             model_type,
             vocab_size=len(tokenizer),
@@ -841,7 +854,12 @@ class Trainer:
         export = ""
         if self.schedule is not None:
             lam = float(self.schedule.lam)
-            if lam >= 1.0:  # ternary, warm-up done: exportable
+            from wrinklefree.models.hf_bitnet import bitnet_blocker
+
+            blocker = bitnet_blocker(self.raw_model)
+            if blocker is not None:
+                export = f"  export to GGUF: not available for this model: {blocker}\n"
+            elif lam >= 1.0:  # ternary, warm-up done: exportable
                 export = f"  export to GGUF: python -m wrinklefree.export {s['checkpoint']} --outfile model.gguf\n"
             else:
                 export = (
