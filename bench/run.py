@@ -1053,8 +1053,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "model of the 2B4T shape, or a small one to check the plumbing; --threads defaults to 2 there",
     )
     args = ap.parse_args(argv)
-    if args.threads is not None and not 1 <= args.threads <= 1024:
-        ap.error(f"--threads must be in [1, 1024], got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= ops.MAX_THREADS:
+        ap.error(f"--threads must be in [1, {ops.MAX_THREADS}], got {args.threads}")
     if args.kernels is not None and not [k for k in args.kernels.split(",") if k.strip()]:
         ap.error("--kernels names no kernel")
     if args.out is not None:

@@ -53,7 +53,8 @@ py::object to_python(const wf::gguf::Value& v) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "wrinklefree CPU kernels (raw-buffer interface; use wrinklefree.ops)";
   m.attr("__version__") = WF_VERSION;
-  m.attr("I2S_MAX_K") = wf::kI2sMaxK;  // the longest row the I2_S matmul takes
+  m.attr("I2S_MAX_K") = wf::kI2sMaxK;      // the longest row the I2_S matmul takes
+  m.attr("MAX_THREADS") = wf::kMaxThreads;  // the most threads the CPU kernels take
   using release = py::call_guard<py::gil_scoped_release>;
 
   m.def(

@@ -55,9 +55,6 @@ void project(std::initializer_list<std::pair<const Projection*, float*>> jobs, c
       for (int64_t i = 0; i < N * p->M; ++i) out[i] *= p->post_scale;
 }
 
-constexpr const char* kProjectionNames[] = {"attn_q.weight",   "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                                            "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"};
-
 constexpr size_t kHugePage = size_t(2) << 20;
 
 }  // namespace
@@ -257,17 +254,15 @@ const uint8_t* Model::keep(const uint8_t* data, int64_t nbytes) {
 }
 
 size_t Model::arena_bytes(const std::string& head) const {
-  // An upper bound (the projections are checked later): each ternary tensor as stored or repacked
-  // to I2_S, at most 5/4 of its bytes (TQ1_0 keeps 256 values in 54 bytes, I2_S in 64) plus the
-  // I2_S tail and the alignment, and the head. The file's reader has bounded each by the file size.
+  // An upper bound (the projections are checked later): every ternary tensor of the file as stored
+  // or repacked to I2_S, at most 5/4 of its bytes (TQ1_0 keeps 256 values in 54 bytes, I2_S in 64)
+  // plus the I2_S tail and the alignment, and the head. The file's reader has bounded each by the
+  // file size; the pages of what is reserved and not taken cost nothing.
   const gguf::File& f = *file_;
   size_t total = 0;
-  for (int64_t il = 0; il < hp_.n_layer; ++il)
-    for (const char* name : kProjectionNames) {
-      const TensorInfo* t = f.tensor(layer_tensor(il, name));
-      if (t && (t->type == gguf::kI2_S || t->type == gguf::kTQ2_0 || t->type == gguf::kTQ1_0))
-        total += size_t(t->nbytes) + size_t(t->nbytes) / 4 + 128;
-    }
+  for (const TensorInfo& t : f.tensors())
+    if (t.type == gguf::kI2_S || t.type == gguf::kTQ2_0 || t.type == gguf::kTQ1_0)
+      total += size_t(t.nbytes) + size_t(t.nbytes) / 4 + 128;
   const TensorInfo* out = f.tensor("output.weight");
   const TensorInfo* h = out ? out : f.tensor("token_embd.weight");
   if (head == "int8") total += size_t(hp_.n_vocab * hp_.n_embd) + 64;

@@ -111,12 +111,6 @@ inline int64_t tq1_prepared_bytes(int64_t K) { return (K / 256 + 3) / 4 * 1024; 
 // path): the anonymous namespace gives every translation unit its own copy.
 namespace {
 
-inline int32_t bits_of(float f) {
-  int32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
-
 // Whether the sum of at most kPairChunk values |x| is the same in any order, given the largest bit
 // pattern `top` among them and the smallest nonzero one `least` (0: all are zero): the per-ISA
 // AbsSum accumulators then skip the pairwise tree. It is so when the nonzero |x| span at most 19

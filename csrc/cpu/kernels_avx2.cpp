@@ -137,7 +137,7 @@ double ternary_chunk(const void* w, DType dt, int64_t n, const TernaryBand& band
     const __m256 inv = _mm256_set1_ps(band.inv);
     const __m256i half = _mm256_set1_epi32(0x3f000000), one = _mm256_set1_epi32(1);  // half: 0.5f
     // |y| in [lo, hi] as one unsigned compare of the bits (non-negative floats order as their bits)
-    const __m256i lo = _mm256_set1_epi32(bits_of(band.lo)), span = _mm256_set1_epi32(bits_of(band.hi) - bits_of(band.lo));
+    const __m256i lo = _mm256_set1_epi32(int(f32_to_bits(band.lo))), span = _mm256_set1_epi32(int(f32_to_bits(band.hi) - f32_to_bits(band.lo)));
     AbsSum sum;
     int64_t c = 0;
     for (int64_t i = 0; i < n; i += 8) {

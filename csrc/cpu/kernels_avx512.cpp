@@ -236,7 +236,7 @@ double ternary_chunk_t(const void* w, int64_t n, const TernaryBand& band, int8_t
   const __m512 inv = _mm512_set1_ps(band.inv);
   const __m512i half = _mm512_set1_epi32(0x3f000000);  // 0.5f
   // |y| in [lo, hi] as one unsigned compare of the bits (non-negative floats order as their bits)
-  const __m512i lo = _mm512_set1_epi32(bits_of(band.lo)), span = _mm512_set1_epi32(bits_of(band.hi) - bits_of(band.lo));
+  const __m512i lo = _mm512_set1_epi32(int(f32_to_bits(band.lo))), span = _mm512_set1_epi32(int(f32_to_bits(band.hi) - f32_to_bits(band.lo)));
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
   AbsSum sum;
   int64_t c = 0;

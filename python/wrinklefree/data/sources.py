@@ -76,28 +76,29 @@ class LocalFilesSource(Source):
         self.paths = [str(p) for p in paths]
         self.text_field = text_field
         self.files = list(dict.fromkeys(f.resolve() for p in self.paths for f in _expand(p)))
-        if any(f.suffix.lower() == ".parquet" for f in self.files):
+        if any(_kind(f) == ".parquet" for f in self.files):
             _import_pyarrow()
 
     def documents(self) -> Iterator[str]:
         for f in self.files:
-            if f.suffix.lower() == ".txt":
+            if _kind(f) == ".txt":
                 try:
                     text = f.read_text(encoding="utf-8")
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{f}: not UTF-8 text (byte {e.start}: {e.reason})") from None
                 if text:
                     yield text
-            elif f.suffix.lower() == ".jsonl":
+            elif _kind(f) == ".jsonl":
                 yield from _read_jsonl(f, self.text_field)
             else:
                 yield from _read_parquet(f, self.text_field)
 
     def contents(self) -> str:
         """The files' names (without their folders, so that a moved data folder matches) and sizes."""
-        listing = "\n".join(f"{f.name} {f.stat().st_size}" for f in self.files)
-        total = sum(f.stat().st_size for f in self.files)
-        return f"{len(self.files)} files, {total} bytes, sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+        sizes = [f.stat().st_size for f in self.files]
+        listing = "\n".join(f"{f.name} {size}" for f, size in zip(self.files, sizes, strict=True))
+        digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+        return f"{len(self.files)} files, {sum(sizes)} bytes, sha256 {digest}"
 
     def __repr__(self) -> str:
         return f"LocalFilesSource({self.paths!r}, text_field={self.text_field!r})"
@@ -192,6 +193,11 @@ def sources_from_config(specs: Sequence[Mapping]) -> list[tuple[Source, float]]:
     return out
 
 
+def _kind(path: Path) -> str:
+    """The file's type: its suffix, in any case (``.TXT`` is ``.txt``)."""
+    return path.suffix.lower()
+
+
 def _expand(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
     if glob.has_magic(pattern) and not path.exists():  # an existing path is taken as it is, brackets and all
@@ -199,7 +205,7 @@ def _expand(pattern: str) -> list[Path]:
         if not files:
             raise FileNotFoundError(f"LocalFilesSource: no file matches {pattern!r}")
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) in SUFFIXES)
         if not files:
             raise FileNotFoundError(f"LocalFilesSource: no {'/'.join(SUFFIXES)} file under {pattern!r}")
     elif path.is_file():
@@ -207,7 +213,7 @@ def _expand(pattern: str) -> list[Path]:
     else:
         raise FileNotFoundError(f"LocalFilesSource: {pattern!r} does not exist")
     for f in files:
-        if f.suffix.lower() not in SUFFIXES:
+        if _kind(f) not in SUFFIXES:
             raise ValueError(f"LocalFilesSource: {str(f)!r} is not a {'/'.join(SUFFIXES)} file")
     return files
 
@@ -237,12 +243,12 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
-    # Row batches keep memory bounded on large files.
     import pyarrow as pa
 
     column_type = pf.schema_arrow.field(text_field).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise ValueError(f"{path}: column {text_field!r} holds {column_type}, not strings")
+    # Row batches keep memory bounded on large files.
     for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if text:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wrinklefree.inference.sampling import is_int
 from wrinklefree.objectives.lm import logits_of, next_token_ce
 
 
@@ -31,7 +32,10 @@ class Perplexity:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll) if self.nll < 709.0 else math.inf  # past float64's range
+        try:
+            return math.exp(self.nll)
+        except OverflowError:  # past float64's range
+            return math.inf
 
 
 def heldout_sequences(data_cfg: Mapping[str, Any], tokenizer, n: int, *, seed: int = 0) -> list[Tensor]:
@@ -43,7 +47,7 @@ def heldout_sequences(data_cfg: Mapping[str, Any], tokenizer, n: int, *, seed: i
     """
     from wrinklefree.data import build_loader, sources_from_config
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"heldout_sequences: n must be an integer >= 1, got {n!r}")
     fraction = float(data_cfg["eval_fraction"])
     if not 0 < fraction <= 0.5:
@@ -87,7 +91,7 @@ def _checked(what: str, sequences: Sequence[Tensor] | Tensor, n_ctx: int | None)
 def model_perplexity(model: nn.Module, sequences: Sequence[Tensor] | Tensor, batch_size: int = 8) -> Perplexity:
     """Perplexity of a causal LM (``model(input_ids=...)`` returning logits or an output with ``.logits``), in
     eval mode (the model's mode is restored after). Sequences of one length batch together."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"model_perplexity: batch_size must be an integer >= 1, got {batch_size!r}")
     n_ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     seqs = _checked("model_perplexity", sequences, n_ctx)

@@ -39,10 +39,10 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def export_checkpoint(checkpoint: str, outfile: str, outtype: str, tokenizer: Any = None) -> Path:
     """Export either kind of checkpoint directory (see the module docstring); the tokenizer (a transformers
     tokenizer or its directory) defaults to the checkpoint's own."""
-    check_outfile(outfile)  # before the model loads
     source = Path(checkpoint)
     trained = find_checkpoint(source)
     if trained is not None:
+        check_outfile(outfile)  # before the model loads (export_gguf checks before it loads a directory)
         model, own_tokenizer = load_training_checkpoint(trained)
         return export_gguf(model, outfile, outtype, tokenizer=own_tokenizer if tokenizer is None else tokenizer)
     if (source / "config.json").is_file():

@@ -140,10 +140,8 @@ def convert(
             except (TypeError, ValueError) as e:
                 shape = f"[{module.out_features}, {module.in_features}]"
                 raise type(e)(f"convert: lrc_rank for {name} {shape}: {e}") from None
-        if qs is not None and qs.mode == "block" and module.in_features % qs.block_size:
-            raise ValueError(
-                f"convert: qsparse block_size={qs.block_size} does not divide the {module.in_features} inputs of {name}"
-            )
+        if qs is not None:
+            qs.check_input_size(module.in_features, name, prefix="convert: qsparse")
     for name, module in targets:
         leaf = name.rsplit(".", 1)[-1]
         norm = cfg.subln == "allnorm" or (cfg.subln == "standard" and leaf in SUBLN_TARGETS)

@@ -141,7 +141,7 @@ class BitLinear(nn.Linear):
             # inference: SubLN and the int8 quantization in one pass (the fused kernel op)
             x2 = x.reshape(-1, self.in_features).contiguous()
             q, x_scale = ops.rmsnorm_act_quant(_kernel_dtype(x2), self.subln.weight.detach(), self.subln.eps)
-            return self._packed_matmul(q, x_scale, x)
+            return self._finish(self._i2s_matmul(q, x_scale), x)
         h = self.subln(x) if self.subln is not None else x
         return self._ternary_linear(h).to(_out_dtype(x))  # SubLN returns its weight's dtype
 
@@ -244,16 +244,14 @@ class BitLinear(nn.Linear):
         if self.padded_in_features == self.in_features:
             # quantize and multiply in one op call (the same bits as the two ops)
             return ops.bitlinear_infer(h2, self.packed, self.out_features)
-        q, x_scale = ops.act_quant_int8(h2)
-        return ops.i2s_matmul(F.pad(q, (0, self.padded_in_features - self.in_features)), x_scale, self.packed,
-                              self.out_features)  # fmt: skip
+        return self._i2s_matmul(*ops.act_quant_int8(h2))
 
-    def _packed_matmul(self, q: Tensor, x_scale: Tensor, like: Tensor) -> Tensor:
-        """int8 rows ``q`` [N, in] times the packed weight, plus bias; shaped and typed like ``like``."""
+    def _i2s_matmul(self, q: Tensor, x_scale: Tensor) -> Tensor:
+        """float32 [N, out], without the bias: int8 rows ``q`` [N, in] times the packed weight."""
         pad = self.padded_in_features - self.in_features
         if pad:
             q = F.pad(q, (0, pad))
-        return self._finish(ops.i2s_matmul(q, x_scale, self.packed, self.out_features), like)
+        return ops.i2s_matmul(q, x_scale, self.packed, self.out_features)
 
     def _finish(self, y: Tensor, like: Tensor) -> Tensor:
         """The packed product ``y`` float32 [N, out] plus bias, shaped and typed like ``like``."""

@@ -75,35 +75,33 @@ class QSparse(nn.Module):
         # holds the full ratio; the cost is a sort of each row instead of topk).
         return torch.compiler.is_compiling() and self.warmup_steps > 0 and self.schedule is not None
 
-    def _mask(self, a: Tensor) -> Tensor:
-        """The mask of the kept values of ``a`` (magnitudes [..., n]), per row over the last dim."""
-        n = a.shape[-1]
-        if self._count_from_tensor():  # the same float64 arithmetic as kept()
+    def check_input_size(self, k: int, where: str = "", prefix: str = "QSparse:") -> None:
+        """Raise ValueError unless inputs of ``k`` values can be sparsified (block mode: k a multiple of
+        block_size); the message starts with ``prefix`` and names the layer ``where``."""
+        if self.mode == "block" and k % self.block_size:
+            at = f" of {where}" if where else ""
+            raise ValueError(f"{prefix} block_size={self.block_size} does not divide the {k} inputs{at}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = x.shape[-1]
+        self.check_input_size(k)
+        n = k if self.mode == "topk" else self.block_size  # a row, or a block, keeps its largest
+        counted = self._count_from_tensor()
+        if not counted and self.kept(n) == n:
+            return x
+        a = x.detach().abs()
+        if self.mode == "block":
+            a = a.unflatten(-1, (k // n, n))
+        if counted:  # the same float64 arithmetic as kept()
             ratio = self.ratio * torch.clamp(self.schedule.step_tensor / self.warmup_steps, max=1.0)
             keep = n - torch.round(ratio * n)
             order = a.argsort(dim=-1, descending=True, stable=True)
             ranks = torch.arange(n, device=a.device).expand_as(a)
-            return torch.zeros_like(a, dtype=torch.bool).scatter_(-1, order, ranks < keep.to(a.device))
-        keep = self.kept(n)
-        if keep == n:
-            return torch.ones_like(a, dtype=torch.bool)
-        idx = a.topk(keep, dim=-1, sorted=False).indices
-        return torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        k = x.shape[-1]
-        if self.mode == "topk":
-            if not self._count_from_tensor() and self.kept(k) == k:
-                return x
-            mask = self._mask(x.detach().abs())
+            mask = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, order, ranks < keep.to(a.device))
         else:
-            m = self.block_size
-            if k % m:
-                raise ValueError(f"QSparse: block mode needs the input size {k} to be a multiple of block_size={m}")
-            if not self._count_from_tensor() and self.kept(m) == m:
-                return x
-            mask = self._mask(x.detach().abs().unflatten(-1, (k // m, m))).flatten(-2)
-        return straight_through(x.detach() * mask, x)
+            idx = a.topk(self.kept(n), dim=-1, sorted=False).indices
+            mask = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True)
+        return straight_through(x.detach() * mask.reshape(x.shape), x)
 
     def extra_repr(self) -> str:
         extra = f", block_size={self.block_size}" if self.mode == "block" else ""

@@ -25,6 +25,7 @@ Matmul on packed I2_S weights:
 
 from wrinklefree.ops._backend import get_backend, set_backend
 from wrinklefree.ops.cpu import (
+    MAX_THREADS,
     get_isa,
     get_num_threads,
     int8_mac_rate,
@@ -40,6 +41,7 @@ from wrinklefree.ops.train import bitlinear_train, relu2_glu
 
 __all__ = [
     "FORMATS",
+    "MAX_THREADS",
     "PackedFormat",
     "act_quant_int8",
     "bitlinear_infer",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from wrinklefree import _C
 
+MAX_THREADS: int = _C.MAX_THREADS  # the most threads set_num_threads takes
+
 
 def supported_isas() -> list[str]:
     """Instruction sets this CPU can run, best first (subset of avx512, avx2, scalar)."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from wrinklefree.atomic import atomic_write_text
 from wrinklefree.models import convert
+from wrinklefree.models.hf_bitnet import bitnet_blocker
 from wrinklefree.nn import QuantSchedule
 from wrinklefree.objectives import CrossEntropy, DiffusionLM, Distillation, ObjectiveManager
 from wrinklefree.train import distributed
@@ -49,7 +50,11 @@ INT_SETTINGS = (  # (key, minimum, what null means, None: not allowed): checked 
     ("training.keep_checkpoints", 0, None),
     ("data.seq_len", 1, None),
 )
-NUMBER_SETTINGS = (("training.optimizer.lr", 0.0), ("training.grad_clip", 0.0))  # (key, minimum)
+NUMBER_SETTINGS = (  # (key, minimum, maximum or None)
+    ("training.optimizer.lr", 0.0, None),
+    ("training.grad_clip", 0.0, None),
+    ("data.eval_fraction", 0.0, 0.5),
+)
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -80,18 +85,17 @@ def check_settings(cfg: DictConfig) -> None:
         raise ValueError(f"{key} has no default: set it on the command line ({key}=...)") from None
     for key, minimum, null in INT_SETTINGS:
         int_setting(cfg, key, minimum, null)
-    for key, minimum in NUMBER_SETTINGS:
+    for key, minimum, maximum in NUMBER_SETTINGS:
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
-            raise ValueError(f"{key} must be a number >= {minimum:g}, got {value!r}")
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        if not number or not minimum <= value <= (math.inf if maximum is None else maximum):
+            allowed = f">= {minimum:g}" if maximum is None else f"in [{minimum:g}, {maximum:g}]"
+            raise ValueError(f"{key} must be a number {allowed}, got {value!r}")
     if OmegaConf.select(cfg, "model.dtype") == "float16":
         raise ValueError(
             "model.dtype=float16: float16 weights trained without loss scaling overflow within a few steps; "
             "use model.dtype=bfloat16 (or float32; on a GPU the forward runs under bf16 autocast either way)"
         )
-    fraction = OmegaConf.select(cfg, "data.eval_fraction")
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 0.5:
-        raise ValueError(f"data.eval_fraction must be a number in [0, 0.5], got {fraction!r}")
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -854,8 +858,6 @@ class Trainer:
         export = ""
         if self.schedule is not None:
             lam = float(self.schedule.lam)
-            from wrinklefree.models.hf_bitnet import bitnet_blocker
-
             blocker = bitnet_blocker(self.raw_model)
             if blocker is not None:
                 export = f"  export to GGUF: not available for this model: {blocker}\n"
